@@ -16,4 +16,5 @@ def get_config():
   config.train.checkpoint_every_steps = 2
   config.train.sample_every_steps = 2
   config.train.sample_columns = 2
+  config.mesh.data = 1  # one device, whatever the machine (tests force several CPU devices)
   return config

@@ -1,0 +1,74 @@
+"""Config checks: one clear error for a bad value, before anything is loaded or compiled.
+
+Owns: `validate(config)`, raising `ConfigError` (a ValueError) that names the field, its value and
+what would work.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+from nicegan_jax import datasets
+from nicegan_jax.models import discriminator_feature_sizes
+
+CYCLE_GAN_NAMES = ("apple2orange", "summer2winter_yosemite", "horse2zebra", "monet2photo",
+                   "cezanne2photo", "ukiyoe2photo", "vangogh2photo", "maps", "facades",
+                   "iphone2dslr_flower")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work."""
+
+
+def _require(ok: bool, field: str, value, why: str) -> None:
+  if not ok:
+    raise ConfigError(f"config.{field}={value!r}: {why}")
+
+
+def validate_data(data) -> None:
+  kind, _, name = data.dataset.partition("/")
+  if kind == "image_folder":
+    _require(bool(data.path), "data.path", data.path, "set it to the folder with trainA/ trainB/ testA/ "
+             "testB/ (e.g. --config.data.path=dataset/selfie2anime)")
+    _require(pathlib.Path(data.path).expanduser().is_dir(), "data.path", data.path,
+             "no such folder")
+  elif kind == "cycle_gan":
+    _require(name in CYCLE_GAN_NAMES, "data.dataset", data.dataset,
+             f"unknown cycle_gan dataset; use one of {', '.join('cycle_gan/' + n for n in CYCLE_GAN_NAMES)}")
+  elif kind == "animal_mnist":
+    a, _, b = name.partition("2")
+    _require(a in datasets.ANIMAL_MNIST_CLASSES and b in datasets.ANIMAL_MNIST_CLASSES and a != b,
+             "data.dataset", data.dataset,
+             f"use animal_mnist/<a>2<b> with two classes from {', '.join(datasets.ANIMAL_MNIST_CLASSES)}")
+  else:
+    _require(False, "data.dataset", data.dataset,
+             "unknown dataset; use image_folder, cycle_gan/<name> or animal_mnist/<a>2<b>")
+  _require(data.resize_margin >= 0, "data.resize_margin", data.resize_margin, "must be >= 0")
+
+
+def validate(config) -> None:
+  """Raises ConfigError for the first value that cannot work."""
+  m, t, o = config.model, config.train, config.optimizer
+  try:
+    discriminator_feature_sizes(m.img_size, m.n_dis)
+  except ValueError as e:
+    raise ConfigError(f"config.model.img_size={m.img_size!r} / config.model.n_dis={m.n_dis!r}: {e}") from None
+  _require(m.ch >= 1, "model.ch", m.ch, "must be >= 1")
+  _require(m.n_res >= 0, "model.n_res", m.n_res, "must be >= 0")
+  _require(m.dtype in DTYPES, "model.dtype", m.dtype, f"use one of {', '.join(DTYPES)}")
+  for name in ("adv_weight", "cycle_weight", "recon_weight"):
+    _require(config.loss[name] >= 0, f"loss.{name}", config.loss[name], "must be >= 0")
+  _require(o.lr > 0, "optimizer.lr", o.lr, "must be > 0")
+  _require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optimizer.b1/b2", (o.b1, o.b2), "must lie in [0, 1)")
+  _require(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "must be >= 0")
+  _require(o.decay_start_step < t.num_steps, "optimizer.decay_start_step", o.decay_start_step,
+           f"must be below train.num_steps={t.num_steps} (-1: half of it)")
+  _require(t.num_steps >= 1, "train.num_steps", t.num_steps, "must be >= 1")
+  _require(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
+  _require(t.log_every_steps >= 1, "train.log_every_steps", t.log_every_steps, "must be >= 1")
+  _require(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
+  for name in ("checkpoint_every_steps", "sample_every_steps", "eval_every_steps"):
+    _require(t[name] >= 0, f"train.{name}", t[name], "must be >= 0 (0 = only at the end / off)")
+  _require(t.sample_columns >= 1, "train.sample_columns", t.sample_columns, "must be >= 1")
+  validate_data(config.data)

@@ -1,0 +1,244 @@
+"""Where the images come from: random-access sources of uint8 RGB images for trainA/trainB/testA/testB.
+
+Owns: the TFDS builder for image folders (`ImageFolderTranslation`, stored as array_record and read
+back without TensorFlow), the TFDS `cycle_gan/*` datasets, the Animal-MNIST horse/zebra miniature
+(fetched as a wheel from the package registry, read without installing it) and `load_domains`, which
+maps `config.data` to four sources. Every source item is an (H, W, 3) uint8 array.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import io
+import logging
+import os
+import pathlib
+import pickle
+import subprocess
+import sys
+import zipfile
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+SPLITS = ("trainA", "trainB", "testA", "testB")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+ANIMAL_MNIST_WHEEL = "animal_mnist-0.4-py3-none-any.whl"
+ANIMAL_MNIST_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep",
+                        "zebra")
+
+
+def default_cache_dir() -> pathlib.Path:
+  return pathlib.Path(os.environ.get("NICEGAN_JAX_CACHE", pathlib.Path.home() / ".cache" / "nicegan_jax"))
+
+
+def list_images(folder: pathlib.Path) -> list[pathlib.Path]:
+  """Image files under `folder`, recursively, sorted, extensions matched case-insensitively."""
+  return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def read_rgb(path: pathlib.Path) -> np.ndarray:
+  """An image file as (H, W, 3) uint8; grayscale, RGBA and palette images are converted to RGB.
+
+  Raises ValueError naming the file if it cannot be decoded.
+  """
+  try:
+    with Image.open(path) as img:
+      img.load()
+      return np.asarray(img.convert("RGB"), np.uint8)
+  except Exception as e:  # PIL raises many types for bad files
+    raise ValueError(f"cannot read image {path}: {e}") from e
+
+
+def _folder_fingerprint(root: pathlib.Path, files: dict[str, list[pathlib.Path]], skip: bool) -> str:
+  h = hashlib.sha256(f"{root.resolve()}|skip={skip}".encode())
+  for split in SPLITS:
+    for f in files[split]:
+      st = f.stat()
+      h.update(f"{split}/{f.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+  return h.hexdigest()[:16]
+
+
+def _folder_files(root: pathlib.Path) -> dict[str, list[pathlib.Path]]:
+  if not root.is_dir():
+    raise ValueError(f"data folder {root} does not exist (expected trainA/ trainB/ testA/ testB/ in it)")
+  files = {}
+  for split in SPLITS:
+    folder = root / split
+    if not folder.is_dir():
+      raise ValueError(f"missing folder {folder}: an image-folder dataset needs {', '.join(SPLITS)}")
+    files[split] = list_images(folder)
+    if not files[split]:
+      raise ValueError(f"no images in {folder} (looked for {', '.join(IMAGE_EXTENSIONS)}, any case, "
+                       "in nested folders too)")
+  return files
+
+
+@functools.lru_cache(maxsize=None)
+def _image_folder_builder_class():
+  """The TFDS builder class, defined lazily (once) so that importing this module does not import TFDS."""
+  import tensorflow_datasets as tfds
+
+  class ImageFolderTranslation(tfds.core.GeneratorBasedBuilder):
+    """Unpaired translation data from a folder with trainA/ trainB/ testA/ testB/ (manual_dir)."""
+    VERSION = tfds.core.Version("1.0.0")
+    MANUAL_DOWNLOAD_INSTRUCTIONS = "Pass the folder that holds trainA/ trainB/ testA/ testB/."
+
+    def __init__(self, *, skip_bad_images: bool = False, **kwargs):
+      self._skip_bad_images = skip_bad_images
+      super().__init__(**kwargs)
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
+          "filename": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+      root = pathlib.Path(dl_manager.manual_dir)
+      files = _folder_files(root)
+      return {split: self._generate_examples(root, files[split]) for split in SPLITS}
+
+    def _generate_examples(self, root, files):
+      skipped = []
+      for path in files:
+        try:
+          image = read_rgb(path)
+        except ValueError as e:
+          if not self._skip_bad_images:
+            raise ValueError(f"{e} (set config.data.skip_bad_images=True to skip such files)") from e
+          skipped.append(str(path))
+          continue
+        rel = str(path.relative_to(root))
+        yield rel, {"image": image, "filename": rel}
+      if skipped:
+        logging.warning("Skipped %d unreadable image(s): %s", len(skipped), ", ".join(skipped))
+      if len(skipped) == len(files):
+        raise ValueError(f"every image under {files[0].parent} is unreadable")
+
+  return ImageFolderTranslation
+
+
+class _ImageColumn(Sequence):
+  """A TFDS data source viewed as a sequence of uint8 images. TFDS stores examples in hashed-key
+  order, not file order; `filename(i)` names the file an image came from where the dataset has one."""
+
+  def __init__(self, source):
+    self._source = source
+
+  def __len__(self):
+    return len(self._source)
+
+  def __getitem__(self, index):
+    return np.asarray(self._source[index]["image"], np.uint8)
+
+  def filename(self, index) -> str:
+    name = self._source[index].get("filename", f"{index:06d}")
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def image_folder_sources(folder: str, cache_dir: pathlib.Path, skip_bad_images: bool = False) -> dict:
+  """Prepares (once per folder content) and opens an image-folder dataset. Returns split -> source."""
+  import tensorflow_datasets as tfds
+  root = pathlib.Path(folder).expanduser()
+  files = _folder_files(root)
+  data_dir = cache_dir / "image_folder" / f"{root.resolve().name}-{_folder_fingerprint(root, files, skip_bad_images)}"
+  builder = _image_folder_builder_class()(data_dir=str(data_dir), file_format="array_record",
+                                          skip_bad_images=skip_bad_images)
+  tfds.disable_progress_bar()
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(root)))
+  return {split: _ImageColumn(builder.as_data_source(split)) for split in SPLITS}
+
+
+def cycle_gan_sources(name: str, cache_dir: pathlib.Path) -> dict:
+  """TFDS `cycle_gan/<name>` (downloaded by TFDS on first use), prepared as array_record."""
+  import tensorflow_datasets as tfds
+  builder = tfds.builder(f"cycle_gan/{name}", data_dir=str(cache_dir / "tfds"), file_format="array_record")
+  builder.download_and_prepare()
+  return {split: _ImageColumn(builder.as_data_source(split)) for split in SPLITS}
+
+
+class _NumpyUnpickler(pickle.Unpickler):
+  """Unpickles plain numpy arrays only (the Animal-MNIST files), nothing executable."""
+  ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+             ("numpy", "ndarray"), ("numpy", "dtype")}
+
+  def find_class(self, module, name):
+    if (module, name) not in self.ALLOWED:
+      raise pickle.UnpicklingError(f"refusing to load {module}.{name} from the Animal-MNIST files")
+    return super().find_class(module.replace("numpy.core", "numpy._core"), name)
+
+
+def fetch_animal_mnist(cache_dir: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
+  """(images (10000, 28, 28) uint8, labels (10000,)) from the `animal-mnist==0.4` wheel, cached as npz."""
+  cache = cache_dir / "animal_mnist"
+  npz = cache / "animal_mnist_v3.npz"
+  if not npz.exists():
+    cache.mkdir(parents=True, exist_ok=True)
+    wheel = cache / ANIMAL_MNIST_WHEEL
+    if not wheel.exists():
+      cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+             "animal-mnist==0.4", "-d", str(cache)]
+      result = subprocess.run(cmd, capture_output=True, text=True)
+      if result.returncode or not wheel.exists():
+        raise RuntimeError("could not download the animal-mnist==0.4 wheel from the package registry:\n"
+                           f"{' '.join(cmd)}\n{result.stderr[-2000:]}")
+    with zipfile.ZipFile(wheel) as z:
+      load = lambda member: _NumpyUnpickler(io.BytesIO(gzip.decompress(z.read(member)))).load()
+      images = load("animal_mnist/data/Animal_MNIST/animal_data_version_3.gz")
+      labels = load("animal_mnist/data/Animal_MNIST/animal_label_version_3.gz")
+    np.savez_compressed(npz.with_suffix(".tmp.npz"), images=images.astype(np.uint8),
+                        labels=labels.astype(np.int64))
+    os.replace(npz.with_suffix(".tmp.npz"), npz)
+  with np.load(npz) as data:
+    return data["images"], data["labels"]
+
+
+def animal_mnist_split(labels: np.ndarray, cls: int, n_test: int = 200, seed: int = 0):
+  """(train indices, test indices) of one class: a fixed shuffle, the last `n_test` held out."""
+  idx = np.flatnonzero(labels == cls)
+  idx = idx[np.random.default_rng(seed + cls).permutation(len(idx))]
+  return np.sort(idx[:-n_test]), np.sort(idx[-n_test:])
+
+
+class _ArrayImages(Sequence):
+  """(N, h, w) grayscale uint8 arrays as RGB images upsampled to `size` (bilinear), made on access."""
+
+  def __init__(self, images: np.ndarray, size: int):
+    self._images, self._size = images, size
+
+  def __len__(self):
+    return len(self._images)
+
+  def __getitem__(self, index):
+    img = Image.fromarray(self._images[index]).resize((self._size, self._size), Image.BILINEAR)
+    return np.repeat(np.asarray(img, np.uint8)[..., None], 3, axis=-1)
+
+
+def animal_mnist_sources(pair: str, cache_dir: pathlib.Path, size: int) -> dict:
+  """`pair` like "horse2zebra": A = the first class, B = the second; 800 train / 200 test each."""
+  try:
+    a_name, b_name = pair.split("2")
+    a, b = ANIMAL_MNIST_CLASSES.index(a_name), ANIMAL_MNIST_CLASSES.index(b_name)
+  except ValueError:
+    raise ValueError(f"animal_mnist/{pair}: expected <class>2<class> with classes from "
+                     f"{', '.join(ANIMAL_MNIST_CLASSES)}") from None
+  images, labels = fetch_animal_mnist(cache_dir)
+  (train_a, test_a), (train_b, test_b) = animal_mnist_split(labels, a), animal_mnist_split(labels, b)
+  return {"trainA": _ArrayImages(images[train_a], size), "trainB": _ArrayImages(images[train_b], size),
+          "testA": _ArrayImages(images[test_a], size), "testB": _ArrayImages(images[test_b], size)}
+
+
+def load_domains(data_config, img_size: int) -> dict:
+  """split -> random-access source of uint8 RGB images, for `config.data`."""
+  cache_dir = pathlib.Path(data_config.data_dir).expanduser() if data_config.data_dir else default_cache_dir()
+  kind, _, name = data_config.dataset.partition("/")
+  if kind == "image_folder":
+    return image_folder_sources(data_config.path, cache_dir, data_config.skip_bad_images)
+  if kind == "cycle_gan":
+    return cycle_gan_sources(name, cache_dir)
+  if kind == "animal_mnist":
+    return animal_mnist_sources(name, cache_dir, img_size)
+  raise ValueError(f"unknown config.data.dataset={data_config.dataset!r}")

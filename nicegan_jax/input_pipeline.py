@@ -1,0 +1,81 @@
+"""Deterministic input pipelines: unpaired A/B training batches and the test transform, with grain.
+
+Owns: the original's transforms (`train_transform`: flip, resize to img+margin, random crop, [-1, 1];
+`test_transform`: resize, [-1, 1]), the per-domain grain datasets and `train_batches`, which yields
+this process's share of every global batch from a given step on.
+
+Batch k is a pure function of (seed, k): each domain is shuffled (a new order every epoch), augmented
+with a per-index random stream, and batched by grain's random-access `MapDataset`. Resuming at step k
+therefore only needs k; the data iterator position is the step stored in the checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import grain
+import numpy as np
+from PIL import Image
+
+
+def to_unit_range(image: np.ndarray) -> np.ndarray:
+  """uint8 [0, 255] -> float32 [-1, 1] (ToTensor then Normalize(0.5, 0.5))."""
+  return image.astype(np.float32) / 127.5 - 1.0
+
+
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+  """Bilinear resize to size x size with PIL, as torchvision's Resize on PIL images (aspect not kept)."""
+  if image.shape[0] == size and image.shape[1] == size:
+    return image
+  return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+
+
+def train_transform(image: np.ndarray, rng: np.random.Generator, *, img_size: int, margin: int,
+                    flip: bool) -> np.ndarray:
+  """Random horizontal flip (p=0.5, at the original size), resize to img+margin, random crop, [-1, 1]."""
+  if flip and rng.random() < 0.5:
+    image = image[:, ::-1]
+  image = resize(np.ascontiguousarray(image), img_size + margin)
+  top, left = rng.integers(0, margin + 1, size=2)
+  return to_unit_range(image[top:top + img_size, left:left + img_size])
+
+
+def test_transform(image: np.ndarray, *, img_size: int) -> np.ndarray:
+  """Resize to img_size x img_size, [-1, 1]; no flip, no crop."""
+  return to_unit_range(resize(image, img_size))
+
+
+def domain_dataset(source: Sequence, *, img_size: int, margin: int, flip: bool, batch_size: int,
+                   seed: int, process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+  """An endless, shuffled, augmented, batched dataset of one domain; this process's shard only."""
+  if len(source) < process_count:
+    raise ValueError(f"{len(source)} images cannot be shared among {process_count} processes")
+  ds = grain.MapDataset.source(source)[process_index::process_count]
+  ds = ds.shuffle(seed=seed).repeat()
+  ds = ds.random_map(lambda img, rng: train_transform(img, rng, img_size=img_size, margin=margin,
+                                                      flip=flip), seed=seed + 1)
+  return ds.batch(batch_size, drop_remainder=True)
+
+
+def train_batches(sources: dict, data_config, *, img_size: int, global_batch_size: int, seed: int,
+                  start_step: int = 0, process_index: int = 0, process_count: int = 1,
+                  num_threads: int = 4) -> Iterator[dict[str, np.ndarray]]:
+  """{"A": (b, S, S, 3), "B": ...} float32 host batches for steps start_step, start_step+1, ...
+
+  b = global_batch_size / process_count. A and B are drawn independently (unpaired).
+  """
+  if global_batch_size % process_count:
+    raise ValueError(f"batch size {global_batch_size} is not divisible by {process_count} processes")
+  local = global_batch_size // process_count
+  common = dict(img_size=img_size, margin=int(data_config.resize_margin), flip=bool(data_config.flip),
+                batch_size=local, process_index=process_index, process_count=process_count)
+  domain_a = domain_dataset(sources["trainA"], seed=seed * 4 + 1, **common)
+  domain_b = domain_dataset(sources["trainB"], seed=seed * 4 + 2, **common)
+  pairs = grain.MapDataset.range(start_step, 2**62).map(lambda k: {"A": domain_a[k], "B": domain_b[k]})
+  options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(2 * num_threads, 2))
+  return iter(pairs.to_iter_dataset(options))
+
+
+def test_images(source: Sequence, indices: Sequence[int], *, img_size: int) -> np.ndarray:
+  """The test-transformed images at `indices`, stacked (N, S, S, 3)."""
+  return np.stack([test_transform(source[i], img_size=img_size) for i in indices])

@@ -1,0 +1,190 @@
+"""The training loop: the only place with side effects (data, checkpoints, writers, grids, progress).
+
+Owns: `train_and_evaluate(config, workdir)`, which validates the config, restores the newest
+checkpoint in `workdir` (or initialises), then runs the jitted, sharded train step to
+`config.train.num_steps`, with metrics, sample grids and checkpoints at their cadences.
+
+Metrics stay on the device between log steps (summed by a small jitted accumulator that also notes the
+first step at which each term became non-finite); a non-finite term stops the run before the next
+checkpoint, so the last checkpoint on disk is always a good one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from clu import metric_writers, parameter_overview
+from PIL import Image
+
+from nicegan_jax import checkpoints, config_lib, datasets, input_pipeline, sharding, step as step_lib
+from nicegan_jax import train_state as train_state_lib
+from nicegan_jax import visualize
+from nicegan_jax.models import Models, create_models
+
+
+class NonFiniteLossError(FloatingPointError):
+  """A loss term became NaN or infinite."""
+
+
+class MetricAccumulator(flax.struct.PyTreeNode):
+  sums: dict[str, jax.Array]
+  count: jax.Array
+  first_nonfinite_step: dict[str, jax.Array]  # -1 while the term has stayed finite
+
+
+@jax.jit
+def accumulate(acc: MetricAccumulator | None, metrics: dict, step: jax.Array) -> MetricAccumulator:
+  if acc is None:
+    acc = MetricAccumulator(sums={k: jnp.zeros((), jnp.float32) for k in metrics},
+                            count=jnp.zeros((), jnp.int32),
+                            first_nonfinite_step={k: jnp.full((), -1, jnp.int32) for k in metrics})
+  bad = {k: jnp.where((acc.first_nonfinite_step[k] < 0) & ~jnp.isfinite(v), step,
+                      acc.first_nonfinite_step[k]) for k, v in metrics.items()}
+  sums = {k: acc.sums[k] + v.astype(jnp.float32) for k, v in metrics.items()}
+  return MetricAccumulator(sums=sums, count=acc.count + 1, first_nonfinite_step=bad)
+
+
+def summarize(acc: MetricAccumulator) -> dict[str, float]:
+  """Means since the last summary; raises NonFiniteLossError naming the first bad step and term."""
+  host = jax.device_get(acc)
+  bad = {k: int(s) for k, s in host.first_nonfinite_step.items() if s >= 0}
+  if bad:
+    term = min(bad, key=bad.get)
+    raise NonFiniteLossError(f"non-finite loss term {term} at step {bad[term]} "
+                             f"(also: {', '.join(sorted(set(bad) - {term})) or 'none'})")
+  return {k: float(v) / int(host.count) for k, v in host.sums.items()}
+
+
+def is_due(step: int, every: int, last_step: int) -> bool:
+  """One rule for every cadence: every `every` steps (0 = never) and always at the last step."""
+  return step == last_step or (every > 0 and step % every == 0)
+
+
+def sample_images(sources: dict, config, step: int) -> dict[str, np.ndarray]:
+  """Fixed test images and step-seeded augmented train images for the grid columns."""
+  n, size = config.train.sample_columns, config.model.img_size
+  rng = np.random.default_rng([config.train.seed, step])
+  out = {}
+  for d in "AB":
+    train_src, test_src = sources[f"train{d}"], sources[f"test{d}"]
+    train = [input_pipeline.train_transform(train_src[int(i)], rng, img_size=size,
+                                            margin=config.data.resize_margin, flip=config.data.flip)
+             for i in rng.integers(0, len(train_src), n)]
+    test = input_pipeline.test_images(test_src, range(min(n, len(test_src))), img_size=size)
+    out[d] = np.concatenate([np.stack(train), test])
+  return out
+
+
+def write_sample_grids(state, models: Models, sample_fn, sources, config, workdir: pathlib.Path,
+                       writer, step: int) -> None:
+  images = sample_images(sources, config, step)
+  disc_vars = {name: state.disc_variables(name) for name in ("disA", "disB")}
+  rows = sample_fn(state.gen_params, disc_vars, images["A"], images["B"])
+  grids = {name: visualize.direction_grid(r) for name, r in rows.items()}
+  if jax.process_index() == 0:
+    out_dir = workdir / "samples"
+    out_dir.mkdir(exist_ok=True)
+    for name, grid in grids.items():
+      Image.fromarray(grid).save(out_dir / f"{name}_{step:07d}.png")
+  writer.write_images(step, {f"samples/{name}": grid[None] for name, grid in grids.items()})
+
+
+def initial_state(config, models: Models, mesh, ckpt: checkpoints.Checkpointer):
+  """The newest checkpoint's state restored onto `mesh`, or a fresh one."""
+  repl = sharding.replicated(mesh)
+  create = lambda: train_state_lib.create_train_state(config, jax.random.PRNGKey(config.train.seed),
+                                                      models, out_shardings=repl)
+  abstract = checkpoints.abstract_like(jax.eval_shape(create), repl)
+  state, step = ckpt.restore_latest(abstract)
+  if state is None:
+    return create()
+  logging.info("Resuming from the checkpoint at step %d in %s", step, ckpt.directory)
+  return state
+
+
+def log_parameter_overview(state) -> None:
+  for name, params in {**state.gen_params, **state.disc_params}.items():
+    logging.info("Parameters of %s:\n%s", name,
+                 parameter_overview.get_parameter_overview(jax.device_get(params), include_stats=False))
+
+
+def train_and_evaluate(config, workdir: str) -> tuple[Any, dict[str, float]]:
+  """Trains (or resumes) to config.train.num_steps. Returns (final state, last metric summary)."""
+  config_lib.validate(config)
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  t = config.train
+  mesh = sharding.create_mesh(config.mesh)
+  sharding.check_batch_size(t.batch_size, mesh)
+  models = create_models(config.model)
+  sources = datasets.load_domains(config.data, config.model.img_size)
+
+  if jax.process_index() == 0:
+    (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
+  writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
+  ckpt = checkpoints.Checkpointer(workdir / "checkpoints", max_to_keep=t.keep_checkpoints)
+  state = initial_state(config, models, mesh, ckpt)
+  start = int(state.step)
+  if start == 0:
+    writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
+    log_parameter_overview(state)
+
+  train_step = sharding.jit_train_step(step_lib.make_train_step(config, models), mesh)
+  sample_fn = jax.jit(lambda g, d, a, b: visualize.sample_rows(models, g, d, a, b))
+  batches = input_pipeline.train_batches(
+      sources, config.data, img_size=config.model.img_size, global_batch_size=t.batch_size,
+      seed=t.seed, start_step=start, process_index=jax.process_index(),
+      process_count=jax.process_count())
+
+  acc, summary = None, {}
+  last_time, last_step = time.time(), start
+  logging.info("Training steps %d..%d, global batch %d on %d device(s)", start + 1, t.num_steps,
+               t.batch_size, mesh.size)
+  try:
+    for step in range(start + 1, t.num_steps + 1):
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        batch = sharding.global_batch(next(batches), mesh)
+        state, metrics = train_step(state, batch)
+        acc = accumulate(acc, metrics, step)
+      log_due = is_due(step, t.log_every_steps, t.num_steps)
+      ckpt_due = is_due(step, t.checkpoint_every_steps, t.num_steps)
+      if log_due or ckpt_due:  # a checkpoint is only written after its steps were checked finite
+        summary = summarize(acc)
+        acc = None
+        now = time.time()
+        steps_per_s = (step - last_step) / max(now - last_time, 1e-9)
+        last_time, last_step = now, step
+        writer.write_scalars(step, {**summary, "steps_per_sec": steps_per_s})
+        eta = (t.num_steps - step) / max(steps_per_s, 1e-9)
+        logging.info("step %d/%d  %.2f steps/s  ETA %s  D %.4f  G %.4f", step, t.num_steps, steps_per_s,
+                     time.strftime("%H:%M:%S", time.gmtime(eta)), summary["D/loss"], summary["G/loss"])
+      if is_due(step, t.sample_every_steps, t.num_steps):
+        write_sample_grids(state, models, sample_fn, sources, config, workdir, writer, step)
+      if ckpt_due:
+        ckpt.save(step, state, config.to_dict())
+  except NonFiniteLossError as e:
+    steps = ckpt.steps()
+    raise NonFiniteLossError(f"{e}; stopped. The last good checkpoint is step "
+                             f"{steps[-1] if steps else 'none'} in {ckpt.directory}") from None
+  finally:
+    ckpt.close()
+    writer.flush()
+  return state, summary
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out

@@ -1,0 +1,157 @@
+"""The training program end to end: main.py, checkpoints, exact resume, TensorBoard, grids, NaN stop."""
+
+import glob
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import test as test_config
+from conftest import ROOT
+from nicegan_jax import checkpoints, step as step_lib, train
+
+
+def make_dataset(root: pathlib.Path) -> pathlib.Path:
+  rng = np.random.default_rng(0)
+  for split in ("trainA", "trainB", "testA", "testB"):
+    (root / split).mkdir(parents=True)
+    for i in range(3):
+      Image.fromarray(rng.integers(0, 256, (40 + 7 * i, 50, 3), dtype=np.uint8)).save(
+          root / split / f"{i}.png")
+  return root
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+  return make_dataset(tmp_path_factory.mktemp("data") / "tiny")
+
+
+def tiny_config(dataset, tmp_root):
+  config = test_config.get_config()
+  config.data.path = str(dataset)
+  config.data.data_dir = str(tmp_root / "cache")
+  return config
+
+
+def read_tensorboard(workdir):
+  from tensorboard.backend.event_processing import event_accumulator as ea
+  from tensorboard.util import tensor_util
+  files = glob.glob(str(workdir / "events.out.tfevents.*"))
+  assert len(files) == 1
+  acc = ea.EventAccumulator(files[0], size_guidance={ea.TENSORS: 0})
+  acc.Reload()
+  tags = set(acc.Tags()["tensors"])
+  loss = [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in acc.Tensors("G/loss")]
+  return tags, loss
+
+
+def test_main_trains_end_to_end(dataset, tmp_path):
+  workdir = tmp_path / "run"
+  cmd = [sys.executable, "main.py", "--config=configs/test.py", f"--workdir={workdir}",
+         f"--config.data.path={dataset}", f"--config.data.data_dir={tmp_path / 'cache'}"]
+  result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "step 4/4" in result.stderr and "steps/s" in result.stderr
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
+  assert (workdir / "config.json").is_file()
+  tags, loss = read_tensorboard(workdir)
+  assert {"D/loss", "G/loss", "G/cycle_A", "D/adv_B_cam", "lr/G", "steps_per_sec",
+          "samples/A2B", "samples/B2A"} <= tags
+  assert [s for s, _ in loss] == [2, 4] and all(np.isfinite(v) for _, v in loss)
+  for direction in ("A2B", "B2A"):
+    grid = Image.open(workdir / "samples" / f"{direction}_0000004.png")
+    grid.verify()
+    # 5 rows (real, heatmap, recon, translation, cycle) x (2 train + 2 test) columns of 64x64 tiles.
+    assert Image.open(workdir / "samples" / f"{direction}_0000004.png").size == (4 * 64, 5 * 64)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(dataset, tmp_path_factory):
+  root = tmp_path_factory.mktemp("uninterrupted")
+  config = tiny_config(dataset, root)
+  state, summary = train.train_and_evaluate(config, str(root / "run"))
+  return jax.device_get(state), summary
+
+
+def corrupt_checkpoint(path: pathlib.Path) -> None:
+  for f in path.rglob("*"):
+    if f.is_file() and f.stat().st_size > 0 and "ocdbt" in str(f) or f.name == "manifest.ocdbt":
+      f.write_bytes(b"\0" * 16)
+
+
+def test_resume_after_a_stop_is_bit_identical_and_skips_a_damaged_checkpoint(
+    dataset, tmp_path, uninterrupted):
+  config = tiny_config(dataset, tmp_path)
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(config, str(workdir))
+  ckpt_dir = workdir / "checkpoints"
+  # A stop after step 2 whose later checkpoint was damaged, plus a save that never finished.
+  corrupt_checkpoint(ckpt_dir / "4")
+  shutil.copytree(ckpt_dir / "2", ckpt_dir / "6.orbax-checkpoint-tmp-1234")
+  resumed, _ = train.train_and_evaluate(config, str(workdir))
+  reference, _ = uninterrupted
+  assert int(resumed.step) == 4
+  for a, b in zip(jax.tree.leaves(jax.device_get(resumed)), jax.tree.leaves(reference)):
+    np.testing.assert_array_equal(a, b)
+  names = sorted(p.name for p in ckpt_dir.iterdir())
+  assert "2" in names and "4" in names and any(n.startswith("unreadable-4-") for n in names)
+
+
+def test_restore_onto_the_same_state_round_trips(dataset, tmp_path, uninterrupted):
+  reference, _ = uninterrupted
+  ckpt = checkpoints.Checkpointer(tmp_path / "ckpt", max_to_keep=1)
+  state = jax.tree.map(jnp.asarray, reference)
+  ckpt.save(4, state, {"note": "test"})
+  ckpt.wait()
+  restored, step = ckpt.restore_latest(jax.eval_shape(lambda: state))
+  assert step == 4 and ckpt.restore_config()["note"] == "test"
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(a, b)
+  ckpt.close()
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(dataset, tmp_path,
+                                                                         monkeypatch):
+  make_step = step_lib.make_train_step
+
+  def step_that_fails_at_3(config, models):
+    inner = make_step(config, models)
+
+    def wrapped(state, batch):
+      state, metrics = inner(state, batch)
+      metrics = dict(metrics, **{"G/cycle_B": jnp.where(state.step >= 3, jnp.nan, metrics["G/cycle_B"])})
+      return state, metrics
+
+    return wrapped
+
+  monkeypatch.setattr(step_lib, "make_train_step", step_that_fails_at_3)
+  config = tiny_config(dataset, tmp_path)
+  config.train.log_every_steps = 4  # the check still runs before the checkpoint at step 4
+  with pytest.raises(train.NonFiniteLossError, match=r"G/cycle_B at step 3.*last good checkpoint is step 2"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["2"]
+
+
+def test_accumulator_means_and_first_bad_step():
+  acc = None
+  for step, value in enumerate([1.0, 3.0], start=1):
+    acc = train.accumulate(acc, {"a": jnp.float32(value)}, jnp.int32(step))
+  assert train.summarize(acc) == {"a": 2.0}
+  acc = train.accumulate(acc, {"a": jnp.float32(np.inf)}, jnp.int32(3))
+  acc = train.accumulate(acc, {"a": jnp.float32(np.nan)}, jnp.int32(4))
+  with pytest.raises(train.NonFiniteLossError, match="term a at step 3"):
+    train.summarize(acc)
+
+
+def test_is_due_treats_the_last_step_like_the_others():
+  assert [s for s in range(1, 8) if train.is_due(s, 3, 7)] == [3, 6, 7]
+  assert [s for s in range(1, 8) if train.is_due(s, 0, 7)] == [7]
