@@ -1,23 +1,35 @@
 """Entry point: flags, process/device logging, dispatch by mode.
 
-  python main.py --config=configs/selfie2anime.py --workdir=runs/s2a
-  python main.py --config=configs/demo.py --workdir=runs/demo --config.train.num_steps=200
+  python main.py --config=configs/demo.py --workdir=runs/demo                       # train (resumes)
+  python main.py --mode=translate --workdir=runs/demo --input=DIR_OR_FILE --output=DIR --direction=A2B
+  python main.py --mode=test --workdir=runs/demo        # testA -> fakeB/, testB -> fakeA/ in the workdir
 """
 
 import logging as pylogging
+import pathlib
 import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from nicegan_jax import config_lib, train
+from nicegan_jax import config_lib, datasets, train
+from nicegan_jax import translate as translate_lib
+from nicegan_jax import translate_files
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Training config file (see configs/).", lock_config=True)
+config_flags.DEFINE_config_file("config", None, "Training config file (see configs/); train mode only. "
+                                "Other modes read the config saved in the checkpoint.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, TensorBoard events, sample grids.")
-flags.DEFINE_enum("mode", "train", ["train"], "What to do: train (resumes from the workdir).")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.DEFINE_enum("mode", "train", ["train", "translate", "test"],
+                  "train: train or resume in --workdir. translate: translate --input into --output. "
+                  "test: translate the whole test split into <workdir>/test/fakeA, fakeB.")
+flags.DEFINE_string("input", None, "translate: an image file or a folder (walked recursively).")
+flags.DEFINE_string("output", None, "translate: the folder for the PNG outputs (sub-folders mirrored).")
+flags.DEFINE_enum("direction", "A2B", list(translate_lib.DIRECTIONS), "translate: A2B or B2A.")
+flags.DEFINE_bool("native", False, "translate: work at the input's own size (light models) instead of "
+                  "the training size; outputs have the input's size either way.")
+flags.mark_flags_as_required(["workdir"])
 
 
 class _QuietOrbaxInfo(pylogging.Filter):
@@ -25,6 +37,31 @@ class _QuietOrbaxInfo(pylogging.Filter):
 
   def filter(self, record):
     return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+
+
+def run_translate() -> None:
+  if not FLAGS.input or not FLAGS.output:
+    raise app.UsageError("--mode=translate needs --input and --output")
+  translator = translate_lib.load_translator(FLAGS.workdir)
+  report = translate_files.translate_folder(translator, FLAGS.input, FLAGS.output, FLAGS.direction,
+                                            native=FLAGS.native)
+  print(f"Wrote {len(report.written)} image(s) to {FLAGS.output}")
+  for line in report.skipped:
+    print(f"Not written (would overwrite an input): {line}")
+  for line in report.unreadable:
+    print(f"Unreadable: {line}")
+  if report.unreadable or report.skipped:
+    sys.exit(1)
+
+
+def run_test() -> None:
+  translator = translate_lib.load_translator(FLAGS.workdir)
+  config = translator.config
+  sources = datasets.load_domains(config.data, config.model.img_size)
+  out = pathlib.Path(FLAGS.workdir) / "test"
+  written = translate_files.translate_test_split(translator, sources, out)
+  for name, files in written.items():
+    print(f"Wrote {len(files)} image(s) to {out / name}")
 
 
 def main(argv):
@@ -35,8 +72,14 @@ def main(argv):
                jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices())
   try:
     if FLAGS.mode == "train":
+      if FLAGS.config is None:
+        raise app.UsageError("--mode=train needs --config")
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (config_lib.ConfigError, train.NonFiniteLossError) as e:
+    elif FLAGS.mode == "translate":
+      run_translate()
+    elif FLAGS.mode == "test":
+      run_test()
+  except (config_lib.ConfigError, datasets.DataError, train.NonFiniteLossError, FileNotFoundError) as e:
     logging.error("%s", e)
     sys.exit(f"error: {e}")
 

@@ -18,7 +18,7 @@ def get_config():
   config.model.ch = 32
   config.model.n_res = 4
   config.model.n_dis = 6
-  config.train.num_steps = 2000
+  config.train.num_steps = 1000
   config.train.batch_size = 1
   config.optimizer.decay_flag = False
   config.train.log_every_steps = 50

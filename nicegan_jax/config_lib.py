@@ -31,8 +31,11 @@ def validate_data(data) -> None:
   if kind == "image_folder":
     _require(bool(data.path), "data.path", data.path, "set it to the folder with trainA/ trainB/ testA/ "
              "testB/ (e.g. --config.data.path=dataset/selfie2anime)")
-    _require(pathlib.Path(data.path).expanduser().is_dir(), "data.path", data.path,
-             "no such folder")
+    root = pathlib.Path(data.path).expanduser()
+    _require(root.is_dir(), "data.path", data.path, "no such folder")
+    missing = [s for s in datasets.SPLITS if not (root / s).is_dir()]
+    _require(not missing, "data.path", data.path, f"missing sub-folder(s) {', '.join(missing)} "
+             f"(an image-folder dataset needs {', '.join(datasets.SPLITS)})")
   elif kind == "cycle_gan":
     _require(name in CYCLE_GAN_NAMES, "data.dataset", data.dataset,
              f"unknown cycle_gan dataset; use one of {', '.join('cycle_gan/' + n for n in CYCLE_GAN_NAMES)}")

@@ -31,6 +31,10 @@ ANIMAL_MNIST_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraff
                         "zebra")
 
 
+class DataError(ValueError):
+  """A dataset problem a user can fix: a missing folder, an empty domain, an unreadable image."""
+
+
 def default_cache_dir() -> pathlib.Path:
   return pathlib.Path(os.environ.get("NICEGAN_JAX_CACHE", pathlib.Path.home() / ".cache" / "nicegan_jax"))
 
@@ -43,14 +47,14 @@ def list_images(folder: pathlib.Path) -> list[pathlib.Path]:
 def read_rgb(path: pathlib.Path) -> np.ndarray:
   """An image file as (H, W, 3) uint8; grayscale, RGBA and palette images are converted to RGB.
 
-  Raises ValueError naming the file if it cannot be decoded.
+  Raises DataError naming the file if it cannot be decoded.
   """
   try:
     with Image.open(path) as img:
       img.load()
       return np.asarray(img.convert("RGB"), np.uint8)
   except Exception as e:  # PIL raises many types for bad files
-    raise ValueError(f"cannot read image {path}: {e}") from e
+    raise DataError(f"cannot read image {path}: {e}") from e
 
 
 def _folder_fingerprint(root: pathlib.Path, files: dict[str, list[pathlib.Path]], skip: bool) -> str:
@@ -64,15 +68,15 @@ def _folder_fingerprint(root: pathlib.Path, files: dict[str, list[pathlib.Path]]
 
 def _folder_files(root: pathlib.Path) -> dict[str, list[pathlib.Path]]:
   if not root.is_dir():
-    raise ValueError(f"data folder {root} does not exist (expected trainA/ trainB/ testA/ testB/ in it)")
+    raise DataError(f"data folder {root} does not exist (expected trainA/ trainB/ testA/ testB/ in it)")
   files = {}
   for split in SPLITS:
     folder = root / split
     if not folder.is_dir():
-      raise ValueError(f"missing folder {folder}: an image-folder dataset needs {', '.join(SPLITS)}")
+      raise DataError(f"missing folder {folder}: an image-folder dataset needs {', '.join(SPLITS)}")
     files[split] = list_images(folder)
     if not files[split]:
-      raise ValueError(f"no images in {folder} (looked for {', '.join(IMAGE_EXTENSIONS)}, any case, "
+      raise DataError(f"no images in {folder} (looked for {', '.join(IMAGE_EXTENSIONS)}, any case, "
                        "in nested folders too)")
   return files
 
@@ -106,9 +110,9 @@ def _image_folder_builder_class():
       for path in files:
         try:
           image = read_rgb(path)
-        except ValueError as e:
+        except DataError as e:
           if not self._skip_bad_images:
-            raise ValueError(f"{e} (set config.data.skip_bad_images=True to skip such files)") from e
+            raise DataError(f"{e} (set config.data.skip_bad_images=True to skip such files)") from e
           skipped.append(str(path))
           continue
         rel = str(path.relative_to(root))
@@ -116,7 +120,7 @@ def _image_folder_builder_class():
       if skipped:
         logging.warning("Skipped %d unreadable image(s): %s", len(skipped), ", ".join(skipped))
       if len(skipped) == len(files):
-        raise ValueError(f"every image under {files[0].parent} is unreadable")
+        raise DataError(f"every image under {files[0].parent} is unreadable")
 
   return ImageFolderTranslation
 
@@ -183,7 +187,7 @@ def fetch_animal_mnist(cache_dir: pathlib.Path) -> tuple[np.ndarray, np.ndarray]
              "animal-mnist==0.4", "-d", str(cache)]
       result = subprocess.run(cmd, capture_output=True, text=True)
       if result.returncode or not wheel.exists():
-        raise RuntimeError("could not download the animal-mnist==0.4 wheel from the package registry:\n"
+        raise DataError("could not download the animal-mnist==0.4 wheel from the package registry:\n"
                            f"{' '.join(cmd)}\n{result.stderr[-2000:]}")
     with zipfile.ZipFile(wheel) as z:
       load = lambda member: _NumpyUnpickler(io.BytesIO(gzip.decompress(z.read(member)))).load()
@@ -223,7 +227,7 @@ def animal_mnist_sources(pair: str, cache_dir: pathlib.Path, size: int) -> dict:
     a_name, b_name = pair.split("2")
     a, b = ANIMAL_MNIST_CLASSES.index(a_name), ANIMAL_MNIST_CLASSES.index(b_name)
   except ValueError:
-    raise ValueError(f"animal_mnist/{pair}: expected <class>2<class> with classes from "
+    raise DataError(f"animal_mnist/{pair}: expected <class>2<class> with classes from "
                      f"{', '.join(ANIMAL_MNIST_CLASSES)}") from None
   images, labels = fetch_animal_mnist(cache_dir)
   (train_a, test_a), (train_b, test_b) = animal_mnist_split(labels, a), animal_mnist_split(labels, b)

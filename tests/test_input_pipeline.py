@@ -53,7 +53,7 @@ def test_image_folder_reads_nested_mixed_formats_as_rgb(tmp_path):
 
 def test_corrupt_image_is_named_or_skipped(tmp_path):
   root = make_folder(tmp_path / "data", corrupt=True)
-  with pytest.raises(ValueError, match="broken.jpg"):
+  with pytest.raises(datasets.DataError, match="broken.jpg"):
     datasets.load_domains(data_config(root, tmp_path / "cache"), img_size=64)
   sources = datasets.load_domains(data_config(root, tmp_path / "cache", skip_bad_images=True), 64)
   assert len(sources["trainB"]) == 1
@@ -63,10 +63,10 @@ def test_empty_or_missing_domain_is_named(tmp_path):
   root = make_folder(tmp_path / "data")
   for f in (root / "testB").iterdir():
     f.unlink()
-  with pytest.raises(ValueError, match="no images in .*testB"):
+  with pytest.raises(datasets.DataError, match="no images in .*testB"):
     datasets.load_domains(data_config(root, tmp_path / "cache"), img_size=64)
   (root / "testB").rmdir()
-  with pytest.raises(ValueError, match="missing folder .*testB"):
+  with pytest.raises(datasets.DataError, match="missing folder .*testB"):
     datasets.load_domains(data_config(root, tmp_path / "cache"), img_size=64)
 
 

@@ -1,0 +1,146 @@
+"""Inference: load a trained translator and translate images, one or a batch, at any size.
+
+Owns: `Translator` (the config and, per direction, the source discriminator's encoder variables and the
+target generator's params), `load_translator(path)` (from a workdir or one checkpoint folder, config
+included), `translate(translator, images, direction)` with its input contract, and the folder and
+test-split commands.
+
+The contract of `translate`: images are (H, W, 3) or (N, H, W, 3), either uint8 in [0, 255] or floating
+point in [-1, 1]; the output has the same shape and dtype. By default the input is resized to the
+training size, translated and resized back, so the output has the input's size and aspect ratio
+(`native=True`: translate at the input's own size rounded up to a multiple of 4, light models only).
+"""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from nicegan_jax import models as models_lib
+from nicegan_jax import train_state as train_state_lib
+
+DIRECTIONS = ("A2B", "B2A")
+
+
+class Translator(NamedTuple):
+  """What inference needs: per direction the source encoder and the target generator."""
+  config: ml_collections.ConfigDict
+  models: models_lib.Models
+  encoders: dict[str, Any]  # "A2B" -> disA's variables (params + spectral), "B2A" -> disB's
+  generators: dict[str, Any]  # "A2B" -> gen2B's params, "B2A" -> gen2A's
+
+
+def _checkpoint_dir(path: pathlib.Path) -> pathlib.Path:
+  """A workdir, its checkpoints/ folder or one checkpoint folder -> the checkpoint folder to read."""
+  if (path / "state").is_dir():
+    return path
+  root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+  steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "state").is_dir()),
+                 reverse=True) if root.is_dir() else []
+  if not steps:
+    raise FileNotFoundError(f"no checkpoint under {path} (expected a workdir with checkpoints/<step>/)")
+  return root / str(steps[0])
+
+
+def load_translator(path: str | pathlib.Path) -> Translator:
+  """Reads the config and only the inference weights (no optimiser state) from a checkpoint."""
+  ckpt = _checkpoint_dir(pathlib.Path(path).expanduser())
+  checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+  config_dict = checkpointer.restore(ckpt, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  config = ml_collections.ConfigDict(config_dict)
+  models = models_lib.create_models(config.model)
+  shapes = jax.eval_shape(lambda: train_state_lib.init_network_variables(
+      models, config.model.img_size, jax.random.PRNGKey(0)))
+  gen_params, disc_params, spectral = shapes
+  wanted = {"gen_params": gen_params, "disc_params": disc_params, "spectral": spectral}
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # whatever topology saved it
+  restore_args = jax.tree.map(
+      lambda x: ocp.ArrayRestoreArgs(restore_type=jax.Array, dtype=x.dtype, sharding=device), wanted)
+  state = checkpointer.restore(ckpt, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=wanted, restore_args=restore_args, partial_restore=True)))["state"]
+  encoders = {"A2B": {"params": state["disc_params"]["disA"], "spectral": state["spectral"]["disA"]},
+              "B2A": {"params": state["disc_params"]["disB"], "spectral": state["spectral"]["disB"]}}
+  generators = {"A2B": state["gen_params"]["gen2B"], "B2A": state["gen_params"]["gen2A"]}
+  return Translator(config, models, encoders, generators)
+
+
+def translator_from_state(config, models: models_lib.Models, state) -> Translator:
+  """The Translator of a live TrainState (e.g. at the end of training)."""
+  return Translator(config, models,
+                    {"A2B": state.disc_variables("disA"), "B2A": state.disc_variables("disB")},
+                    {"A2B": state.gen_params["gen2B"], "B2A": state.gen_params["gen2A"]})
+
+
+def check_images(images) -> tuple[np.ndarray, bool]:
+  """Validates the input contract; returns (NHWC array, whether the input was a single image)."""
+  images = np.asarray(images)
+  if images.ndim not in (3, 4):
+    raise ValueError(f"images must be (H, W, 3) or (N, H, W, 3); got shape {images.shape}")
+  single = images.ndim == 3
+  batch = images[None] if single else images
+  if batch.shape[-1] != 3:
+    raise ValueError(f"images must have 3 (RGB) channels last; got shape {images.shape}")
+  if min(batch.shape[1:3]) < 4 or batch.shape[0] == 0:
+    raise ValueError(f"images must be at least 4x4 and the batch non-empty; got shape {images.shape}")
+  if batch.dtype == np.uint8:
+    return batch, single
+  if not np.issubdtype(batch.dtype, np.floating):
+    raise ValueError(f"images must be uint8 in [0, 255] or floating point in [-1, 1]; got {batch.dtype}")
+  if not np.all(np.isfinite(batch)):
+    raise ValueError("images contain NaN or infinite values")
+  lo, hi = float(batch.min()), float(batch.max())
+  if lo < -1.0 - 1e-3 or hi > 1.0 + 1e-3:
+    raise ValueError(f"floating-point images must lie in [-1, 1]; got values in [{lo:.3f}, {hi:.3f}] "
+                     "(for [0, 255] data pass uint8)")
+  return batch, single
+
+
+def translation_size(height: int, width: int, img_size: int, native: bool) -> tuple[int, int]:
+  if not native:
+    return img_size, img_size
+  return -(-height // 4) * 4, -(-width // 4) * 4  # rounded up to a multiple of 4
+
+
+@functools.partial(jax.jit, static_argnames=("models", "direction", "work_size"))
+def _translate_batch(encoder, generator, images, *, models, direction, work_size):
+  """[-1, 1] float32 NHWC -> translated, resized to work_size and back to the input size."""
+  n, h, w, _ = images.shape
+  x = images
+  if (h, w) != work_size:
+    x = jax.image.resize(x, (n, *work_size, 3), "bilinear", antialias=True)
+  disc = models.disA if direction == "A2B" else models.disB
+  gen = models.gen2B if direction == "A2B" else models.gen2A
+  y = models_lib.decode(gen, generator, models_lib.encode(disc, encoder, x))
+  if (h, w) != work_size:
+    y = jax.image.resize(y, (n, h, w, 3), "bilinear", antialias=True)
+  return jnp.clip(y, -1.0, 1.0)
+
+
+def translate(translator: Translator, images, direction: str = "A2B", *, native: bool = False):
+  """Translates one image (H, W, 3) or a batch (N, H, W, 3); returns the same shape and dtype.
+
+  uint8 in -> uint8 out ([0, 255]); float in -> float out ([-1, 1]). Compiled once per shape.
+  `native` (light models only) translates at the input's size rounded up to a multiple of 4 instead of
+  at the training size.
+  """
+  if direction not in DIRECTIONS:
+    raise ValueError(f"direction must be one of {DIRECTIONS}; got {direction!r}")
+  if native and not translator.config.model.light:
+    raise ValueError("native-resolution translation needs a light model: the full model's MLP is "
+                     f"tied to img_size={translator.config.model.img_size}")
+  batch, single = check_images(images)
+  dtype = batch.dtype
+  x = batch.astype(np.float32) / 127.5 - 1.0 if dtype == np.uint8 else batch.astype(np.float32)
+  size = translation_size(x.shape[1], x.shape[2], translator.config.model.img_size, native)
+  y = np.asarray(_translate_batch(translator.encoders[direction], translator.generators[direction],
+                                  jnp.asarray(x), models=translator.models, direction=direction,
+                                  work_size=size))
+  y = np.clip(np.round((y + 1.0) * 127.5), 0, 255).astype(np.uint8) if dtype == np.uint8 else y.astype(dtype)
+  return y[0] if single else y

@@ -1,0 +1,76 @@
+"""Configs: every shipped config is complete and valid; bad values get one clear error up front."""
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from nicegan_jax import config_lib
+
+CONFIGS = ("default", "test", "demo", "selfie2anime", "cat2dog", "full", "horse2zebra",
+           "summer2winter", "vangogh2photo")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_shipped_configs_validate(name, tmp_path):
+  config = importlib.import_module(f"configs.{name}").get_config()
+  if config.data.dataset == "image_folder":
+    for split in ("trainA", "trainB", "testA", "testB"):  # the real folders live on the user's machine
+      (tmp_path / split).mkdir(exist_ok=True)
+    config.data.path = str(tmp_path)
+  config_lib.validate(config)
+
+
+def test_paper_defaults():
+  config = importlib.import_module("configs.default").get_config()
+  assert (config.model.ch, config.model.n_res, config.model.n_dis, config.model.img_size) == (64, 6, 7, 256)
+  assert config.model.light and config.train.batch_size == 1
+  assert (config.loss.adv_weight, config.loss.cycle_weight, config.loss.recon_weight) == (1, 10, 10)
+  assert (config.optimizer.lr, config.optimizer.b1, config.optimizer.b2) == (1e-4, 0.5, 0.999)
+  assert config.optimizer.weight_decay == 1e-4
+  assert not importlib.import_module("configs.full").get_config().model.light
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("model.img_size", 62, "multiple of 4"),
+    ("model.img_size", 64, "too small for n_dis=7"),
+    ("model.dtype", "float64", "use one of"),
+    ("data.dataset", "imagenet", "unknown dataset"),
+    ("data.dataset", "cycle_gan/horse2cow", "unknown cycle_gan dataset"),
+    ("data.dataset", "animal_mnist/horse2unicorn", "two classes"),
+    ("data.path", "", "set it to the folder"),
+    ("data.path", "/no/such/folder", "no such folder"),
+    ("data.path", "/", "missing sub-folder"),
+    ("train.batch_size", 0, "must be >= 1"),
+    ("train.log_every_steps", 0, "must be >= 1"),
+    ("optimizer.lr", 0.0, "must be > 0"),
+    ("optimizer.decay_start_step", 400_000, "below train.num_steps"),
+])
+def test_bad_values_are_named(field, value, message, tmp_path):
+  config = importlib.import_module("configs.default").get_config()
+  for split in ("trainA", "trainB", "testA", "testB"):
+    (tmp_path / split).mkdir()
+  config.data.path = str(tmp_path)
+  group, key = field.split(".")
+  config[group][key] = value
+  with pytest.raises(config_lib.ConfigError, match=message) as err:
+    config_lib.validate(config)
+  assert f"config.{group}" in str(err.value)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.model.img_size=62", "error: config.model.img_size=62"),
+    ("--config.data.path=/", "error: config.data.path='/': missing sub-folder(s) trainA"),
+])
+def test_main_reports_a_bad_config_in_one_line_without_a_traceback(tmp_path, override, message):
+  cmd = [sys.executable, "main.py", "--config=configs/test.py", f"--workdir={tmp_path / 'run'}",
+         f"--config.data.path={tmp_path}", override]
+  result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode != 0
+  assert message in result.stderr
+  assert "Traceback" not in result.stderr
+  assert not (tmp_path / "run" / "checkpoints").exists()

@@ -1,0 +1,152 @@
+"""translate(): the input contract, equality with the train-time forward, the folder and test commands."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import test as test_config
+from conftest import ROOT, SHARED_DATA
+from nicegan_jax import checkpoints, models, train_state
+from nicegan_jax import translate as translate_lib
+
+
+def make_dataset(root: pathlib.Path) -> pathlib.Path:
+  rng = np.random.default_rng(0)
+  for split in ("trainA", "trainB", "testA", "testB"):
+    (root / split / "nested").mkdir(parents=True)
+    for i in range(2):
+      Image.fromarray(rng.integers(0, 256, (40 + 7 * i, 50, 3), dtype=np.uint8)).save(
+          root / split / f"{i}.jpg")
+    Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)).save(root / split / "nested" / "n.png")
+  return root
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """A workdir holding one checkpoint of a freshly initialised tiny model (as training writes it)."""
+  root = tmp_path_factory.mktemp("translate")
+  config = test_config.get_config()
+  config.data.path = str(make_dataset(root / "data"))
+  config.data.data_dir = str(root / "cache")
+  nets = models.create_models(config.model)
+  state = train_state.create_train_state(config, jax.random.PRNGKey(0), nets)
+  ckpt = checkpoints.Checkpointer(root / "run" / "checkpoints")
+  ckpt.save(3, state, config.to_dict())
+  ckpt.close()
+  return root / "run", config, nets, jax.device_get(state)
+
+
+@pytest.fixture(scope="module")
+def translator(workdir):
+  return translate_lib.load_translator(workdir[0])
+
+
+def test_load_reads_config_and_only_inference_weights(workdir, translator):
+  _, config, _, state = workdir
+  assert translator.config.model.to_dict() == config.model.to_dict()
+  np.testing.assert_array_equal(translator.generators["A2B"]["UpBlock0_1"]["kernel"],
+                                state.gen_params["gen2B"]["UpBlock0_1"]["kernel"])
+  np.testing.assert_array_equal(translator.encoders["B2A"]["spectral"]["fc"]["v"],
+                                state.spectral["disB"]["fc"]["v"])
+  with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    translate_lib.load_translator(workdir[0].parent / "data")
+
+
+def test_translate_equals_the_train_time_forward(workdir, translator):
+  _, config, nets, state = workdir
+  x = jax.random.uniform(jax.random.PRNGKey(5), (2, 64, 64, 3), minval=-1, maxval=1)
+  for direction, disc, gen in (("A2B", "disA", "gen2B"), ("B2A", "disB", "gen2A")):
+    z = models.encode(getattr(nets, disc), {"params": state.disc_params[disc],
+                                            "spectral": state.spectral[disc]}, x)
+    want = models.decode(getattr(nets, gen), state.gen_params[gen], z)
+    got = translate_lib.translate(translator, np.asarray(x), direction)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_contract_shapes_dtypes_single_and_batch(translator):
+  rng = np.random.default_rng(0)
+  single = rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)
+  out = translate_lib.translate(translator, single)
+  assert out.shape == (50, 70, 3) and out.dtype == np.uint8  # the input's own (non-square) size
+  batch = translate_lib.translate(translator, np.stack([single, single[::-1]]), "B2A")
+  assert batch.shape == (2, 50, 70, 3) and batch.dtype == np.uint8
+  as_float = translate_lib.translate(translator, single.astype(np.float32) / 127.5 - 1)
+  assert as_float.dtype == np.float32 and as_float.min() >= -1 and as_float.max() <= 1
+  np.testing.assert_allclose(as_float, out.astype(np.float32) / 127.5 - 1, atol=1.5 / 127.5)
+  native = translate_lib.translate(translator, single, native=True)
+  assert native.shape == (50, 70, 3)
+  assert translate_lib.translation_size(50, 70, 64, native=True) == (52, 72)
+
+
+@pytest.mark.parametrize("bad,message", [
+    (np.zeros((8, 8)), "must be \\(H, W, 3\\)"),
+    (np.zeros((1, 1, 8, 8, 3)), "must be \\(H, W, 3\\)"),
+    (np.zeros((8, 8, 4), np.uint8), "3 \\(RGB\\) channels"),
+    (np.zeros((8, 8, 3), np.int32), "uint8 in \\[0, 255\\] or floating point"),
+    (np.full((8, 8, 3), 255.0, np.float32), "must lie in \\[-1, 1\\]"),
+    (np.full((8, 8, 3), np.nan, np.float32), "NaN"),
+    (np.zeros((2, 2, 3), np.uint8), "at least 4x4"),
+])
+def test_bad_inputs_get_a_clear_error(translator, bad, message):
+  with pytest.raises(ValueError, match=message):
+    translate_lib.translate(translator, bad)
+
+
+def test_bad_direction(translator):
+  with pytest.raises(ValueError, match="direction"):
+    translate_lib.translate(translator, np.zeros((8, 8, 3), np.uint8), "A2A")
+
+
+def run_main(*args):
+  return subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, capture_output=True, text=True,
+                        timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_folder_command_mirrors_names_reports_bad_files_and_spares_inputs(workdir, tmp_path):
+  src = tmp_path / "in"
+  (src / "sub").mkdir(parents=True)
+  rng = np.random.default_rng(1)
+  Image.fromarray(rng.integers(0, 256, (33, 47, 3), dtype=np.uint8)).save(src / "odd.JPEG")
+  Image.fromarray(rng.integers(0, 256, (64, 20), dtype=np.uint8)).save(src / "sub" / "gray.png")
+  (src / "sub" / "broken.jpg").write_bytes(b"not a jpeg")
+  out = tmp_path / "out"
+  result = run_main("--mode=translate", f"--workdir={workdir[0]}", f"--input={src}", f"--output={out}",
+                    "--direction=B2A")
+  assert result.returncode == 1, result.stderr[-2000:]  # one unreadable file is reported, not fatal
+  assert "Wrote 2 image(s)" in result.stdout and "broken.jpg" in result.stdout
+  assert Image.open(out / "odd.png").size == (47, 33)
+  assert Image.open(out / "sub" / "gray.png").size == (20, 64)
+  assert Image.open(out / "sub" / "gray.png").mode == "RGB"
+  # Writing next to the inputs never replaces one.
+  before = (src / "sub" / "gray.png").read_bytes()
+  result = run_main("--mode=translate", f"--workdir={workdir[0]}", f"--input={src / 'sub'}",
+                    f"--output={src / 'sub'}")
+  assert "would overwrite an input" in result.stdout
+  assert (src / "sub" / "gray.png").read_bytes() == before
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "selfie2anime_sample").is_dir(),
+                    reason="../shared/data/selfie2anime_sample is not present")
+def test_folder_command_on_real_images(workdir, tmp_path):
+  result = run_main("--mode=translate", f"--workdir={workdir[0]}",
+                    f"--input={SHARED_DATA / 'selfie2anime_sample'}", f"--output={tmp_path}")
+  assert result.returncode == 0, result.stderr[-2000:]
+  for split in ("trainA", "trainB", "testA", "testB"):
+    [original] = list((SHARED_DATA / "selfie2anime_sample" / split).iterdir())
+    translated = Image.open(tmp_path / split / (original.stem + ".png"))
+    assert translated.size == Image.open(original).size
+
+
+def test_test_split_mode_writes_fakeA_and_fakeB(workdir):
+  result = run_main("--mode=test", f"--workdir={workdir[0]}")
+  assert result.returncode == 0, result.stderr[-2000:]
+  test_dir = workdir[0] / "test"
+  assert sorted(p.name for p in (test_dir / "fakeB").iterdir()) == ["0.png", "1.png", "nested"]
+  assert (test_dir / "fakeA" / "nested" / "n.png").is_file()
+  assert Image.open(test_dir / "fakeB" / "1.png").size == (64, 64)  # the training size, as the original
