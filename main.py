@@ -14,7 +14,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from nicegan_jax import config_lib, datasets, train
-from nicegan_jax import translate as translate_lib
+from nicegan_jax import inference as translate_lib
 from nicegan_jax import translate_files
 
 FLAGS = flags.FLAGS

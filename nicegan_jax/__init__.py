@@ -3,6 +3,6 @@
 The inference API is re-exported here: `load_translator(workdir)` then `translate(translator, images)`.
 """
 
-from nicegan_jax.translate import Translator, load_translator, translate
+from nicegan_jax.inference import Translator, load_translator, translate
 
 __all__ = ["Translator", "load_translator", "translate"]

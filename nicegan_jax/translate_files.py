@@ -16,7 +16,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from nicegan_jax import datasets, input_pipeline
-from nicegan_jax.translate import Translator, translate
+from nicegan_jax.inference import Translator, translate
 
 
 class FolderReport(NamedTuple):

@@ -68,7 +68,7 @@ def test_bad_values_are_named(field, value, message, tmp_path):
 def test_main_reports_a_bad_config_in_one_line_without_a_traceback(tmp_path, override, message):
   cmd = [sys.executable, "main.py", "--config=configs/test.py", f"--workdir={tmp_path / 'run'}",
          f"--config.data.path={tmp_path}", override]
-  result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+  result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert result.returncode != 0
   assert message in result.stderr

@@ -13,7 +13,7 @@ from PIL import Image
 from configs import test as test_config
 from conftest import ROOT, SHARED_DATA
 from nicegan_jax import checkpoints, models, train_state
-from nicegan_jax import translate as translate_lib
+from nicegan_jax import inference as translate_lib
 
 
 def make_dataset(root: pathlib.Path) -> pathlib.Path:
