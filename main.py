@@ -3,6 +3,7 @@
   python main.py --config=configs/demo.py --workdir=runs/demo                       # train (resumes)
   python main.py --mode=translate --workdir=runs/demo --input=DIR_OR_FILE --output=DIR --direction=A2B
   python main.py --mode=test --workdir=runs/demo        # testA -> fakeB/, testB -> fakeA/ in the workdir
+  python main.py --mode=evaluate --workdir=runs/demo    # the above, then FID / KIDx100 both ways
 """
 
 import logging as pylogging
@@ -13,7 +14,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from nicegan_jax import config_lib, datasets, train
+from nicegan_jax import config_lib, datasets, inception, train
 from nicegan_jax import inference as translate_lib
 from nicegan_jax import translate_files
 
@@ -21,9 +22,13 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (see configs/); train mode only. "
                                 "Other modes read the config saved in the checkpoint.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, TensorBoard events, sample grids.")
-flags.DEFINE_enum("mode", "train", ["train", "translate", "test"],
+flags.DEFINE_enum("mode", "train", ["train", "translate", "test", "evaluate"],
                   "train: train or resume in --workdir. translate: translate --input into --output. "
-                  "test: translate the whole test split into <workdir>/test/fakeA, fakeB.")
+                  "test: translate the whole test split into <workdir>/test/fakeA, fakeB. "
+                  "evaluate: test, then FID and KIDx100 of A2B (vs testB) and B2A (vs testA), written "
+                  "to <workdir>/eval_<step>.json and TensorBoard.")
+flags.DEFINE_string("inception_weights", None, "evaluate: pytorch-fid's pt_inception-2015-12-05-*.pth "
+                    "(default: the cached weights; `python -m nicegan_jax.inception --fetch`).")
 flags.DEFINE_string("input", None, "translate: an image file or a folder (walked recursively).")
 flags.DEFINE_string("output", None, "translate: the folder for the PNG outputs (sub-folders mirrored).")
 flags.DEFINE_enum("direction", "A2B", list(translate_lib.DIRECTIONS), "translate: A2B or B2A.")
@@ -64,6 +69,27 @@ def run_test() -> None:
     print(f"Wrote {len(files)} image(s) to {out / name}")
 
 
+def run_evaluate() -> None:
+  from clu import metric_writers
+  from nicegan_jax import evaluation
+  try:
+    inception.load_weights(FLAGS.inception_weights)
+  except inception.WeightsError:
+    if FLAGS.inception_weights:
+      raise
+    logging.info("Fetching the FID Inception weights (once): %s", inception.cache_path())
+    inception.fetch_weights()
+  result = evaluation.evaluate_run(FLAGS.workdir, weights_file=FLAGS.inception_weights)
+  writer = metric_writers.create_default_writer(FLAGS.workdir, just_logging=jax.process_index() > 0)
+  writer.write_scalars(result["step"], {f"eval/{d}/{k}": result[d][k] for d in ("A2B", "B2A")
+                                        for k in ("fid", "kid_x100")})
+  writer.flush()
+  for d in ("A2B", "B2A"):
+    r = result[d]
+    print(f"{d} (step {result['step']}): FID {r['fid']:.2f}  KIDx100 {r['kid_x100']:.3f} "
+          f"(n_real {r['n_real']}, n_fake {r['n_fake']})")
+
+
 def main(argv):
   logging.get_absl_handler().addFilter(_QuietOrbaxInfo())
   if len(argv) > 1:
@@ -79,7 +105,10 @@ def main(argv):
       run_translate()
     elif FLAGS.mode == "test":
       run_test()
-  except (config_lib.ConfigError, datasets.DataError, train.NonFiniteLossError, FileNotFoundError) as e:
+    elif FLAGS.mode == "evaluate":
+      run_evaluate()
+  except (config_lib.ConfigError, datasets.DataError, train.NonFiniteLossError, FileNotFoundError,
+          inception.WeightsError) as e:
     logging.error("%s", e)
     sys.exit(f"error: {e}")
 

@@ -115,3 +115,29 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
   sys.exit(main())
+
+
+def evaluate_run(workdir: str | pathlib.Path, *, weights_file: str | None = None, seed: int = 0) -> dict:
+  """Translates a run's whole test split both ways and scores it against the real test images.
+
+  A->B translations are compared with real testB, B->A with real testA (the paper's protocol: reals at
+  their stored size, fakes at the training size). Writes <workdir>/test/fakeA, fakeB and
+  <workdir>/eval_<step>.json; returns {"A2B": scores, "B2A": scores, "step": step}.
+  """
+  from nicegan_jax import datasets as datasets_lib
+  from nicegan_jax import inference, translate_files
+  workdir = pathlib.Path(workdir)
+  translator = inference.load_translator(workdir)
+  step = int(inference.checkpoint_dir(workdir).name)
+  config = translator.config
+  sources = datasets_lib.load_domains(config.data, config.model.img_size)
+  written = translate_files.translate_test_split(translator, sources, workdir / "test")
+  weights = inception.load_weights(weights_file)
+  result = {"step": step}
+  for direction, real_split, fake_dir in (("A2B", "testB", "fakeB"), ("B2A", "testA", "fakeA")):
+    source = sources[real_split]
+    real = image_features([np.asarray(source[i]) for i in range(len(source))], weights)
+    fake = image_features([read_rgb(p) for p in written[fake_dir]], weights)
+    result[direction] = scores(real, fake, seed=seed)
+  (workdir / f"eval_{step:07d}.json").write_text(json.dumps(result, indent=2))
+  return result

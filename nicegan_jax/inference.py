@@ -37,7 +37,7 @@ class Translator(NamedTuple):
   generators: dict[str, Any]  # "A2B" -> gen2B's params, "B2A" -> gen2A's
 
 
-def _checkpoint_dir(path: pathlib.Path) -> pathlib.Path:
+def checkpoint_dir(path: pathlib.Path) -> pathlib.Path:
   """A workdir, its checkpoints/ folder or one checkpoint folder -> the checkpoint folder to read."""
   if (path / "state").is_dir():
     return path
@@ -51,7 +51,7 @@ def _checkpoint_dir(path: pathlib.Path) -> pathlib.Path:
 
 def load_translator(path: str | pathlib.Path) -> Translator:
   """Reads the config and only the inference weights (no optimiser state) from a checkpoint."""
-  ckpt = _checkpoint_dir(pathlib.Path(path).expanduser())
+  ckpt = checkpoint_dir(pathlib.Path(path).expanduser())
   checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
   config_dict = checkpointer.restore(ckpt, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
   config = ml_collections.ConfigDict(config_dict)

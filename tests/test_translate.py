@@ -150,3 +150,24 @@ def test_test_split_mode_writes_fakeA_and_fakeB(workdir):
   assert sorted(p.name for p in (test_dir / "fakeB").iterdir()) == ["0.png", "1.png", "nested"]
   assert (test_dir / "fakeA" / "nested" / "n.png").is_file()
   assert Image.open(test_dir / "fakeB" / "1.png").size == (64, 64)  # the training size, as the original
+
+
+def test_evaluate_mode_scores_both_directions(workdir):
+  from nicegan_jax import inception
+  try:
+    inception.fetch_weights()
+  except inception.WeightsError as e:
+    pytest.skip(f"the FID Inception weights could not be fetched: {e}")
+  result = run_main("--mode=evaluate", f"--workdir={workdir[0]}")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "A2B (step 3): FID" in result.stdout and "B2A (step 3): FID" in result.stdout
+  import json
+  scores = json.loads((workdir[0] / "eval_0000003.json").read_text())
+  for direction in ("A2B", "B2A"):
+    assert scores[direction]["n_real"] == 3 and scores[direction]["n_fake"] == 3
+    assert np.isfinite(scores[direction]["fid"]) and np.isfinite(scores[direction]["kid_x100"])
+  from tensorboard.backend.event_processing import event_accumulator as ea
+  [events] = list(workdir[0].glob("events.out.tfevents.*"))
+  acc = ea.EventAccumulator(str(events), size_guidance={ea.TENSORS: 0})
+  acc.Reload()
+  assert {"eval/A2B/fid", "eval/B2A/kid_x100"} <= set(acc.Tags()["tensors"])
