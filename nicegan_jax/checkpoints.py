@@ -25,12 +25,14 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=("state", "config"))
+                                          item_names=("state", "config", "metadata"))
 
-  def save(self, step: int, state, config_dict: dict) -> None:
+  def save(self, step: int, state, config_dict: dict, metadata: dict | None = None) -> None:
     """Starts an async save of `state` at `step` (returns before the write is complete)."""
-    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                     config=ocp.args.JsonSave(config_dict)))
+    items = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config_dict))
+    if metadata is not None:
+      items["metadata"] = ocp.args.JsonSave(metadata)
+    self._manager.save(step, args=ocp.args.Composite(**items))
 
   def steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -71,6 +73,16 @@ class Checkpointer:
   def restore_config(self, step: int | None = None) -> dict:
     step = self._manager.latest_step() if step is None else step
     return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+  def restore_metadata(self, step: int | None = None) -> dict | None:
+    """The JSON metadata saved with a checkpoint (e.g. the best checkpoint's scores), if any."""
+    step = self._manager.latest_step() if step is None else step
+    if step is None:
+      return None
+    try:
+      return self._manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+    except Exception:  # saved without metadata
+      return None
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

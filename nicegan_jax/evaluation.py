@@ -141,3 +141,39 @@ def evaluate_run(workdir: str | pathlib.Path, *, weights_file: str | None = None
     result[direction] = scores(real, fake, seed=seed)
   (workdir / f"eval_{step:07d}.json").write_text(json.dumps(result, indent=2))
   return result
+
+
+class TrainingEvaluator:
+  """FID/KIDx100 of a live model during training; the real test features are computed once per run.
+
+  They are cached in <workdir>/eval_real_features.npz, so a resumed run does not recompute them.
+  """
+
+  def __init__(self, sources: dict, workdir: pathlib.Path, *, weights_file: str | None = None,
+               seed: int = 0):
+    try:
+      self.weights = inception.load_weights(weights_file)
+    except inception.WeightsError:
+      if weights_file:
+        raise
+      inception.fetch_weights()
+      self.weights = inception.load_weights()
+    self.sources, self.seed = sources, seed
+    cache = pathlib.Path(workdir) / "eval_real_features.npz"
+    counts = {s: len(sources[s]) for s in ("testA", "testB")}
+    if cache.exists():
+      with np.load(cache) as data:
+        self.real = {s: data[s] for s in counts}
+    if not cache.exists() or any(len(self.real[s]) != n for s, n in counts.items()):
+      self.real = {s: image_features([np.asarray(sources[s][i]) for i in range(n)], self.weights)
+                   for s, n in counts.items()}
+      np.savez(cache, **self.real)
+
+  def __call__(self, translator) -> dict:
+    """{"A2B": scores vs real testB, "B2A": scores vs real testA} for `translator`."""
+    from nicegan_jax import translate_files
+    result = {}
+    for direction, src, real in (("A2B", "testA", "testB"), ("B2A", "testB", "testA")):
+      fakes = translate_files.translate_split(translator, self.sources[src], direction)
+      result[direction] = scores(self.real[real], image_features(fakes, self.weights), seed=self.seed)
+    return result

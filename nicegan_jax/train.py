@@ -97,6 +97,26 @@ def write_sample_grids(state, models: Models, sample_fn, sources, config, workdi
   writer.write_images(step, {f"samples/{name}": grid[None] for name, grid in grids.items()})
 
 
+def evaluate_and_keep_best(state, models: Models, config, evaluator, best: checkpoints.Checkpointer,
+                           workdir: pathlib.Path, writer, step: int) -> None:
+  """FID/KIDx100 both ways; saves a 'best' checkpoint when the mean KIDx100 improves."""
+  from nicegan_jax import inference
+  result = evaluator(inference.translator_from_state(config, models, state))
+  kid = (result["A2B"]["kid_x100"] + result["B2A"]["kid_x100"]) / 2
+  writer.write_scalars(step, {**{f"eval/{d}/{k}": result[d][k] for d in ("A2B", "B2A")
+                                 for k in ("fid", "kid_x100")}, "eval/kid_x100_mean": kid})
+  logging.info("eval at step %d: A2B FID %.2f KIDx100 %.3f | B2A FID %.2f KIDx100 %.3f", step,
+               result["A2B"]["fid"], result["A2B"]["kid_x100"], result["B2A"]["fid"],
+               result["B2A"]["kid_x100"])
+  if jax.process_index() == 0:
+    with open(workdir / "eval.jsonl", "a") as f:
+      f.write(json.dumps({"step": step, **result, "kid_x100_mean": kid}) + "\n")
+  previous = best.restore_metadata()
+  if previous is None or kid < previous["kid_x100_mean"]:
+    best.save(step, state, config.to_dict(), metadata={"step": step, "kid_x100_mean": kid, **result})
+    logging.info("New best checkpoint (mean KIDx100 %.3f) at step %d", kid, step)
+
+
 def initial_state(config, models: Models, mesh, ckpt: checkpoints.Checkpointer):
   """The newest checkpoint's state restored onto `mesh`, or a fresh one."""
   repl = sharding.replicated(mesh)
@@ -144,6 +164,12 @@ def train_and_evaluate(config, workdir: str) -> tuple[Any, dict[str, float]]:
       seed=t.seed, start_step=start, process_index=jax.process_index(),
       process_count=jax.process_count())
 
+  evaluator = best = None
+  if t.eval_every_steps > 0:
+    from nicegan_jax import evaluation  # Inception weights load only when evaluation is on
+    evaluator = evaluation.TrainingEvaluator(sources, workdir, seed=t.seed)
+    best = checkpoints.Checkpointer(workdir / "checkpoints_best", max_to_keep=1, async_save=False)
+
   acc, summary = None, {}
   last_time, last_step = time.time(), start
   logging.info("Training steps %d..%d, global batch %d on %d device(s)", start + 1, t.num_steps,
@@ -156,7 +182,8 @@ def train_and_evaluate(config, workdir: str) -> tuple[Any, dict[str, float]]:
         acc = accumulate(acc, metrics, step)
       log_due = is_due(step, t.log_every_steps, t.num_steps)
       ckpt_due = is_due(step, t.checkpoint_every_steps, t.num_steps)
-      if log_due or ckpt_due:  # a checkpoint is only written after its steps were checked finite
+      eval_due = evaluator is not None and is_due(step, t.eval_every_steps, t.num_steps)
+      if log_due or ckpt_due or eval_due:  # checkpoints are only written after a finiteness check
         summary = summarize(acc)
         acc = None
         now = time.time()
@@ -170,12 +197,16 @@ def train_and_evaluate(config, workdir: str) -> tuple[Any, dict[str, float]]:
         write_sample_grids(state, models, sample_fn, sources, config, workdir, writer, step)
       if ckpt_due:
         ckpt.save(step, state, config.to_dict())
+      if eval_due:
+        evaluate_and_keep_best(state, models, config, evaluator, best, workdir, writer, step)
   except NonFiniteLossError as e:
     steps = ckpt.steps()
     raise NonFiniteLossError(f"{e}; stopped. The last good checkpoint is step "
                              f"{steps[-1] if steps else 'none'} in {ckpt.directory}") from None
   finally:
     ckpt.close()
+    if best is not None:
+      best.close()
     writer.flush()
   return state, summary
 

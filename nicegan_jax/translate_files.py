@@ -57,24 +57,39 @@ def translate_folder(translator: Translator, input_path: str | pathlib.Path, out
   return FolderReport(written, unreadable, skipped)
 
 
+def translate_split(translator: Translator, source, direction: str, *, batch_size: int = 16,
+                    progress: bool = False) -> list[np.ndarray]:
+  """Every image of a split, resized to the training size (the test transform), translated: uint8."""
+  size = translator.config.model.img_size
+  out = []
+  for start in tqdm(range(0, len(source), batch_size), desc=f"translate {direction}", unit="batch",
+                    disable=not progress):
+    chunk = [input_pipeline.resize(np.asarray(source[i]), size)
+             for i in range(start, min(start + batch_size, len(source)))]
+    batch = np.stack(chunk + [chunk[-1]] * (batch_size - len(chunk)))  # one compiled batch shape
+    out.extend(translate(translator, batch, direction)[:len(chunk)])
+  return out
+
+
+def _split_relative_name(source, index: int, split: str) -> pathlib.Path:
+  rel = pathlib.Path(source.filename(index) if hasattr(source, "filename") else f"{index:06d}")
+  if rel.parts[0] == split:  # image folders name files relative to the dataset root
+    rel = pathlib.Path(*rel.parts[1:])
+  return rel.with_suffix(".png")
+
+
 def translate_test_split(translator: Translator, sources: dict, output_dir: str | pathlib.Path,
                          *, progress: bool = True) -> dict[str, list[pathlib.Path]]:
   """testA -> output_dir/fakeB, testB -> output_dir/fakeA, PNGs at the training size."""
-  size = translator.config.model.img_size
   output_dir = pathlib.Path(output_dir)
   written = {}
   for src, dst, direction in (("A", "B", "A2B"), ("B", "A", "B2A")):
     source = sources[f"test{src}"]
-    folder = output_dir / f"fake{dst}"
-    folder.mkdir(parents=True, exist_ok=True)
+    fakes = translate_split(translator, source, direction, progress=progress)
     written[f"fake{dst}"] = []
-    for i in tqdm(range(len(source)), desc=f"test{src} -> fake{dst}", unit="img", disable=not progress):
-      image = input_pipeline.resize(np.asarray(source[i]), size)
-      rel = pathlib.Path(source.filename(i) if hasattr(source, "filename") else f"{i:06d}")
-      if rel.parts[0] == f"test{src}":  # image folders name files relative to the dataset root
-        rel = pathlib.Path(*rel.parts[1:])
-      out = folder / rel.with_suffix(".png")
+    for i, fake in enumerate(fakes):
+      out = output_dir / f"fake{dst}" / _split_relative_name(source, i, f"test{src}")
       out.parent.mkdir(parents=True, exist_ok=True)
-      Image.fromarray(translate(translator, image, direction)).save(out)
+      Image.fromarray(fake).save(out)
       written[f"fake{dst}"].append(out)
   return written

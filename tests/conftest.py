@@ -1,4 +1,8 @@
-"""Test setup: project root on sys.path, 4 virtual CPU devices, a persistent XLA compilation cache."""
+"""Test setup: project root on sys.path, 4 virtual CPU devices, a persistent XLA compilation cache.
+
+Both are set in the environment, so the subprocesses the end-to-end tests start (main.py) see the same
+devices and compile to the same cached programs as the tests themselves.
+"""
 
 import os
 import pathlib
@@ -15,6 +19,6 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-import jax  # noqa: E402  (after the environment above)
-
-jax.config.update("jax_num_cpu_devices", 4)
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_force_host_platform_device_count=4").strip()

@@ -1,6 +1,7 @@
 """The training program end to end: main.py, checkpoints, exact resume, TensorBoard, grids, NaN stop."""
 
 import glob
+import json
 import os
 import pathlib
 import shutil
@@ -155,3 +156,33 @@ def test_accumulator_means_and_first_bad_step():
 def test_is_due_treats_the_last_step_like_the_others():
   assert [s for s in range(1, 8) if train.is_due(s, 3, 7)] == [3, 6, 7]
   assert [s for s in range(1, 8) if train.is_due(s, 0, 7)] == [7]
+
+
+def test_evaluation_during_training_keeps_the_best_checkpoint_by_kid(tmp_path):
+  from nicegan_jax import inception
+  try:
+    inception.fetch_weights()
+  except inception.WeightsError as e:
+    pytest.skip(f"the FID Inception weights could not be fetched: {e}")
+  rng = np.random.default_rng(3)
+  root = tmp_path / "data"
+  for split in ("trainA", "trainB", "testA", "testB"):
+    (root / split).mkdir(parents=True)
+    for i in range(3):  # one size: the Inception features compile once
+      Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(root / split / f"{i}.png")
+  config = tiny_config(root, tmp_path)
+  config.train.eval_every_steps = 2
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(config, str(workdir))
+  lines = [json.loads(l) for l in (workdir / "eval.jsonl").read_text().splitlines()]
+  assert [l["step"] for l in lines] == [2, 4]
+  assert all(l[d]["n_real"] == 3 and l[d]["n_fake"] == 3 for l in lines for d in ("A2B", "B2A"))
+  best_step = min(lines, key=lambda l: l["kid_x100_mean"])["step"]
+  best = checkpoints.Checkpointer(workdir / "checkpoints_best")
+  assert best.steps() == [best_step]
+  assert best.restore_metadata()["kid_x100_mean"] == pytest.approx(
+      min(l["kid_x100_mean"] for l in lines))
+  best.close()
+  assert (workdir / "eval_real_features.npz").is_file()
+  tags, _ = read_tensorboard(workdir)
+  assert {"eval/A2B/fid", "eval/B2A/kid_x100", "eval/kid_x100_mean"} <= tags
