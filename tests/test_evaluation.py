@@ -44,15 +44,12 @@ def test_inception_reproduces_the_reference_outputs(weights):
 
 def astronaut() -> np.ndarray:
   """scikit-image's `astronaut`, read straight out of its wheel (no install)."""
-  cache = datasets.default_cache_dir() / "wheels"
-  wheels = list(cache.glob("scikit_image-0.26.0-*.whl"))
-  if not wheels:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "scikit-image==0.26.0", "-d", str(cache)]
-    if subprocess.run(cmd, capture_output=True).returncode:
-      pytest.skip("scikit-image's wheel (for the astronaut image) could not be downloaded")
-    wheels = list(cache.glob("scikit_image-0.26.0-*.whl"))
-  with zipfile.ZipFile(wheels[0]) as z:
+  name = "scikit_image-0.26.0-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl"
+  try:
+    wheel = datasets.download_wheel("scikit-image==0.26.0", name, datasets.default_cache_dir() / "wheels")
+  except datasets.DataError as e:
+    pytest.skip(f"scikit-image's wheel (for the astronaut image) could not be downloaded: {e}")
+  with zipfile.ZipFile(wheel) as z:
     return np.asarray(Image.open(io.BytesIO(z.read("skimage/data/astronaut.png"))).convert("RGB"))
 
 
