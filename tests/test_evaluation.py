@@ -159,3 +159,34 @@ def test_command_prints_one_json_line(weights, tmp_path):
                             "--fake", str(tmp_path / "fake")], cwd=ROOT, capture_output=True, text=True,
                            timeout=300)
   assert missing.returncode == 1 and "error: no such folder" in missing.stderr
+
+
+# Shapes of torchvision's / pytorch-fid's Inception-v3 convolutions (O, I, kh, kw), independent of ours.
+TORCHVISION_SHAPES = {
+    "Conv2d_1a_3x3": (32, 3, 3, 3), "Conv2d_2b_3x3": (64, 32, 3, 3), "Conv2d_4a_3x3": (192, 80, 3, 3),
+    "Mixed_5b.branch1x1": (64, 192, 1, 1), "Mixed_5b.branch5x5_1": (48, 192, 1, 1),
+    "Mixed_5b.branch5x5_2": (64, 48, 5, 5), "Mixed_5b.branch3x3dbl_3": (96, 96, 3, 3),
+    "Mixed_5b.branch_pool": (32, 192, 1, 1), "Mixed_6a.branch3x3": (384, 288, 3, 3),
+    "Mixed_6a.branch3x3dbl_1": (64, 288, 1, 1), "Mixed_6b.branch7x7_2": (128, 128, 1, 7),
+    "Mixed_6b.branch7x7_3": (192, 128, 7, 1), "Mixed_6b.branch7x7dbl_2": (128, 128, 7, 1),
+    "Mixed_6b.branch7x7dbl_5": (192, 128, 1, 7), "Mixed_6e.branch7x7_1": (192, 768, 1, 1),
+    "Mixed_7a.branch3x3_2": (320, 192, 3, 3), "Mixed_7a.branch7x7x3_2": (192, 192, 1, 7),
+    "Mixed_7a.branch7x7x3_4": (192, 192, 3, 3), "Mixed_7b.branch1x1": (320, 1280, 1, 1),
+    "Mixed_7b.branch3x3_2a": (384, 384, 1, 3), "Mixed_7b.branch3x3_2b": (384, 384, 3, 1),
+    "Mixed_7b.branch3x3dbl_1": (448, 1280, 1, 1), "Mixed_7b.branch3x3dbl_3b": (384, 384, 3, 1),
+    "Mixed_7c.branch_pool": (192, 2048, 1, 1),
+}
+
+
+def test_pytorch_fid_names_map_onto_the_same_tensors(weights):
+  """A pytorch-fid .pth uses torchvision's names: each must land on a tensor of the same shape."""
+  ours = np.load(inception.cache_path())
+  state = {f"{name}.conv.weight": np.zeros(shape, np.float32) for name, shape in TORCHVISION_SHAPES.items()}
+  state.update({f"{name}.bn.{leaf}": np.zeros(shape[0], np.float32)
+                for name, shape in TORCHVISION_SHAPES.items() for leaf in ("bias", "running_mean",
+                                                                             "running_var", "weight")})
+  state["fc.weight"] = np.zeros((1008, 2048), np.float32)
+  mapped = inception._map_pytorch_fid_keys(state)
+  assert len(mapped) == 4 * len(TORCHVISION_SHAPES)  # bn.weight (all ones in this graph) and fc dropped
+  for key, value in mapped.items():
+    assert ours[key].shape == value.shape, key
