@@ -17,7 +17,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.resize_margin = 30  # train transform: resize to img_size + margin, then random crop
   config.data.flip = True  # train transform: random horizontal flip (p = 0.5)
   config.data.skip_bad_images = False  # True: skip (and count) unreadable images instead of failing
-  config.data.num_workers = 0  # grain worker processes (0 = in the training process)
 
   config.model = ml_collections.ConfigDict()
   config.model.img_size = 256  # square training size (multiple of 4)

@@ -14,7 +14,7 @@ from nicegan_jax import datasets, input_pipeline
 def data_config(path, cache, **overrides):
   config = ml_collections.ConfigDict({"dataset": "image_folder", "path": str(path),
                                       "data_dir": str(cache), "resize_margin": 30, "flip": True,
-                                      "skip_bad_images": False, "num_workers": 0})
+                                      "skip_bad_images": False})
   config.update(overrides)
   return config
 
