@@ -20,7 +20,6 @@ import functools
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from nicegan_jax import layers

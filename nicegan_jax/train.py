@@ -117,8 +117,27 @@ def evaluate_and_keep_best(state, models: Models, config, evaluator, best: check
     logging.info("New best checkpoint (mean KIDx100 %.3f) at step %d", kid, step)
 
 
+def check_same_model(config, ckpt: checkpoints.Checkpointer) -> None:
+  """A workdir's checkpoints must hold the configured model; else say so instead of restoring."""
+  steps = ckpt.steps()
+  if not steps:
+    return
+  try:
+    saved = ckpt.restore_config(steps[-1])["model"]
+  except Exception:  # unreadable config: restore_latest will deal with that checkpoint
+    return
+  current = config.model.to_dict()
+  changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+  if changed:
+    raise config_lib.ConfigError(
+        f"{ckpt.directory} holds checkpoints of a different model (" +
+        ", ".join(f"model.{k}: saved {saved.get(k)!r}, configured {current.get(k)!r}" for k in changed) +
+        "); use another --workdir or the saved settings")
+
+
 def initial_state(config, models: Models, mesh, ckpt: checkpoints.Checkpointer):
   """The newest checkpoint's state restored onto `mesh`, or a fresh one."""
+  check_same_model(config, ckpt)
   repl = sharding.replicated(mesh)
   create = lambda: train_state_lib.create_train_state(config, jax.random.PRNGKey(config.train.seed),
                                                       models, out_shardings=repl)

@@ -16,7 +16,7 @@ from PIL import Image
 
 from configs import test as test_config
 from conftest import ROOT
-from nicegan_jax import checkpoints, step as step_lib, train
+from nicegan_jax import checkpoints, config_lib, step as step_lib, train
 
 
 def make_dataset(root: pathlib.Path) -> pathlib.Path:
@@ -79,7 +79,7 @@ def uninterrupted(dataset, tmp_path_factory):
   root = tmp_path_factory.mktemp("uninterrupted")
   config = tiny_config(dataset, root)
   state, summary = train.train_and_evaluate(config, str(root / "run"))
-  return jax.device_get(state), summary
+  return jax.device_get(state), summary, root / "run"
 
 
 def corrupt_checkpoint(path: pathlib.Path) -> None:
@@ -98,7 +98,7 @@ def test_resume_after_a_stop_is_bit_identical_and_skips_a_damaged_checkpoint(
   corrupt_checkpoint(ckpt_dir / "4")
   shutil.copytree(ckpt_dir / "2", ckpt_dir / "6.orbax-checkpoint-tmp-1234")
   resumed, _ = train.train_and_evaluate(config, str(workdir))
-  reference, _ = uninterrupted
+  reference, _, _ = uninterrupted
   assert int(resumed.step) == 4
   for a, b in zip(jax.tree.leaves(jax.device_get(resumed)), jax.tree.leaves(reference)):
     np.testing.assert_array_equal(a, b)
@@ -106,8 +106,18 @@ def test_resume_after_a_stop_is_bit_identical_and_skips_a_damaged_checkpoint(
   assert "2" in names and "4" in names and any(n.startswith("unreadable-4-") for n in names)
 
 
+def test_a_workdir_of_another_model_is_refused_not_overwritten(dataset, tmp_path, uninterrupted):
+  _, _, workdir = uninterrupted  # checkpoints of the tiny model
+  before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+  config = tiny_config(dataset, tmp_path)
+  config.model.ch = 16
+  with pytest.raises(config_lib.ConfigError, match="model.ch: saved 8, configured 16"):
+    train.train_and_evaluate(config, str(workdir))
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
+
+
 def test_restore_onto_the_same_state_round_trips(dataset, tmp_path, uninterrupted):
-  reference, _ = uninterrupted
+  reference, _, _ = uninterrupted
   ckpt = checkpoints.Checkpointer(tmp_path / "ckpt", max_to_keep=1)
   state = jax.tree.map(jnp.asarray, reference)
   ckpt.save(4, state, {"note": "test"})

@@ -1,6 +1,5 @@
 """Learning-rate schedule and the coupled-weight-decay Adam, against numbers worked out here."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
