@@ -177,7 +177,13 @@ def cycle_gan_sources(name: str, cache_dir: pathlib.Path) -> dict:
   """TFDS `cycle_gan/<name>` (downloaded by TFDS on first use), prepared as array_record."""
   import tensorflow_datasets as tfds
   builder = tfds.builder(f"cycle_gan/{name}", data_dir=str(cache_dir / "tfds"), file_format="array_record")
-  builder.download_and_prepare()
+  try:
+    builder.download_and_prepare()
+  except Exception as e:  # no network, a moved URL, a checksum change: say what to do instead
+    raise DataError(
+        f"TFDS could not download or prepare cycle_gan/{name} ({type(e).__name__}: {str(e)[:300]}). "
+        f"Without that download, unzip {name}.zip (it holds trainA/ trainB/ testA/ testB/) and train "
+        f"with --config.data.dataset=image_folder --config.data.path=<the unzipped folder>") from None
   return {split: _ImageColumn(builder.as_data_source(split)) for split in SPLITS}
 
 
