@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from nicegan_jax import input_pipeline
 from nicegan_jax import models as models_lib
 from nicegan_jax import train_state as train_state_lib
 
@@ -137,7 +138,7 @@ def translate(translator: Translator, images, direction: str = "A2B", *, native:
                      f"tied to img_size={translator.config.model.img_size}")
   batch, single = check_images(images)
   dtype = batch.dtype
-  x = batch.astype(np.float32) / 127.5 - 1.0 if dtype == np.uint8 else batch.astype(np.float32)
+  x = input_pipeline.to_unit_range(batch) if dtype == np.uint8 else batch.astype(np.float32)
   size = translation_size(x.shape[1], x.shape[2], translator.config.model.img_size, native)
   y = np.asarray(_translate_batch(translator.encoders[direction], translator.generators[direction],
                                   jnp.asarray(x), models=translator.models, direction=direction,

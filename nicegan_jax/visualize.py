@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nicegan_jax import models as models_lib
 from nicegan_jax.models import Models
 
 
@@ -35,11 +36,11 @@ def sample_rows(models: Models, gen_params, disc_variables, real_A, real_B) -> d
     real = real_A if src == "A" else real_B
     disc_src, disc_dst = getattr(models, f"dis{src}"), getattr(models, f"dis{dst}")
     gen_src, gen_dst = getattr(models, f"gen2{src}"), getattr(models, f"gen2{dst}")
-    d_out = disc_src.apply(disc_variables[f"dis{src}"], real)
-    recon = gen_src.apply({"params": gen_params[f"gen2{src}"]}, d_out.z)
-    fake = gen_dst.apply({"params": gen_params[f"gen2{dst}"]}, d_out.z)
-    z_fake = disc_dst.apply(disc_variables[f"dis{dst}"], fake, encode_only=True)
-    cycle = gen_src.apply({"params": gen_params[f"gen2{src}"]}, z_fake)
+    d_out = disc_src.apply(disc_variables[f"dis{src}"], real)  # inference mode; heatmap needed too
+    recon = models_lib.decode(gen_src, gen_params[f"gen2{src}"], d_out.z)
+    fake = models_lib.decode(gen_dst, gen_params[f"gen2{dst}"], d_out.z)
+    z_fake = models_lib.encode(disc_dst, disc_variables[f"dis{dst}"], fake)
+    cycle = models_lib.decode(gen_src, gen_params[f"gen2{src}"], z_fake)
     out[f"{src}2{dst}"] = [real, render_heatmap(d_out.heatmap, size), recon, fake, cycle]
   return out
 
