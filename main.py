@@ -4,6 +4,7 @@
   python main.py --mode=translate --workdir=runs/demo --input=DIR_OR_FILE --output=DIR --direction=A2B
   python main.py --mode=test --workdir=runs/demo        # testA -> fakeB/, testB -> fakeA/ in the workdir
   python main.py --mode=evaluate --workdir=runs/demo    # the above, then FID / KIDx100 both ways
+  python main.py --mode=import_torch --torch_checkpoint=cat2dog_params_latest.pt --workdir=runs/cat2dog
 """
 
 import logging as pylogging
@@ -14,19 +15,20 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from nicegan_jax import config_lib, datasets, inception, train
+from nicegan_jax import config_lib, convert, datasets, inception, train
 from nicegan_jax import inference as translate_lib
 from nicegan_jax import translate_files
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Training config file (see configs/); train mode only. "
-                                "Other modes read the config saved in the checkpoint.", lock_config=True)
+config_flags.DEFINE_config_file("config", None, "Training config file (see configs/); train and import_torch "
+                                "modes. Other modes read the config saved in the checkpoint.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, TensorBoard events, sample grids.")
-flags.DEFINE_enum("mode", "train", ["train", "translate", "test", "evaluate"],
+flags.DEFINE_enum("mode", "train", ["train", "translate", "test", "evaluate", "import_torch"],
                   "train: train or resume in --workdir. translate: translate --input into --output. "
                   "test: translate the whole test split into <workdir>/test/fakeA, fakeB. "
                   "evaluate: test, then FID and KIDx100 of A2B (vs testB) and B2A (vs testA), written "
-                  "to <workdir>/eval_<step>.json and TensorBoard.")
+                  "to <workdir>/eval_<step>.json and TensorBoard. import_torch: convert an original "
+                  "PyTorch checkpoint (--torch_checkpoint) into a checkpoint in --workdir.")
 flags.DEFINE_string("inception_weights", None, "evaluate: pytorch-fid's pt_inception-2015-12-05-*.pth "
                     "(default: the cached weights; `python -m nicegan_jax.inception --fetch`).")
 flags.DEFINE_string("input", None, "translate: an image file or a folder (walked recursively).")
@@ -34,6 +36,12 @@ flags.DEFINE_string("output", None, "translate: the folder for the PNG outputs (
 flags.DEFINE_enum("direction", "A2B", list(translate_lib.DIRECTIONS), "translate: A2B or B2A.")
 flags.DEFINE_bool("native", False, "translate: work at the input's own size (light models) instead of "
                   "the training size; outputs have the input's size either way.")
+flags.DEFINE_string("torch_checkpoint", None, "import_torch: the original's <dataset>_params_latest.pt or "
+                    "_params_<step>.pt. The model (light/full, ch, n_res, n_dis) is read from its "
+                    "shapes; other settings (data, schedule, img_size of a light model) from --config "
+                    "(default: configs/default.py).")
+flags.DEFINE_bool("torch_optimizer", True, "import_torch: also import both Adam states and the step, so "
+                  "training continues where the original stopped (false: weights only, step 0).")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -90,6 +98,15 @@ def run_evaluate() -> None:
           f"(n_real {r['n_real']}, n_fake {r['n_fake']})")
 
 
+def run_import_torch() -> None:
+  if not FLAGS.torch_checkpoint:
+    raise app.UsageError("--mode=import_torch needs --torch_checkpoint")
+  step, config = convert.import_checkpoint(FLAGS.torch_checkpoint, FLAGS.workdir, FLAGS.config,
+                                           with_optimizer=FLAGS.torch_optimizer)
+  print(f"Imported {FLAGS.torch_checkpoint} ({convert.describe(config.model)}) at step {step} into "
+        f"{pathlib.Path(FLAGS.workdir) / 'checkpoints' / str(step)}")
+
+
 def main(argv):
   logging.get_absl_handler().addFilter(_QuietOrbaxInfo())
   if len(argv) > 1:
@@ -107,8 +124,10 @@ def main(argv):
       run_test()
     elif FLAGS.mode == "evaluate":
       run_evaluate()
+    elif FLAGS.mode == "import_torch":
+      run_import_torch()
   except (config_lib.ConfigError, datasets.DataError, train.NonFiniteLossError, FileNotFoundError,
-          inception.WeightsError) as e:
+          inception.WeightsError, convert.ConversionError) as e:
     logging.error("%s", e)
     sys.exit(f"error: {e}")
 

