@@ -15,7 +15,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from nicegan_jax import config_lib, convert, datasets, inception, train
+from nicegan_jax import config_lib, convert, datasets, inception, sharding, train
 from nicegan_jax import inference as translate_lib
 from nicegan_jax import translate_files
 
@@ -42,6 +42,11 @@ flags.DEFINE_string("torch_checkpoint", None, "import_torch: the original's <dat
                     "(default: configs/default.py).")
 flags.DEFINE_bool("torch_optimizer", True, "import_torch: also import both Adam states and the step, so "
                   "training continues where the original stopped (false: weights only, step 0).")
+flags.DEFINE_string("coordinator_address", None, "Several processes without a cluster manager: host:port "
+                    "of process 0 (with --num_processes and --process_id). SLURM, Open MPI and Cloud "
+                    "TPU pods are detected without these flags.")
+flags.DEFINE_integer("num_processes", None, "With --coordinator_address: how many processes in total.")
+flags.DEFINE_integer("process_id", None, "With --coordinator_address: this process's index (0 = chief).")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -111,6 +116,7 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietOrbaxInfo())
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   logging.info("JAX process %d of %d, %d local / %d global devices: %s", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices())
   try:

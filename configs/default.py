@@ -25,6 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.n_dis = 7  # discriminator depth (`--n_dis`); >= 6, and 7 needs img_size >= 128
   config.model.light = True  # light: the gamma/beta MLP sees pooled features (the paper's numbers)
   config.model.dtype = "float32"  # compute dtype of convs and dense layers (params stay float32)
+  config.model.remat = False  # recompute the generators' residual blocks in the backward pass
 
   config.loss = ml_collections.ConfigDict()
   config.loss.adv_weight = 1.0  # LSGAN terms (3 heads per domain)
@@ -50,8 +51,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.sample_every_steps = 1000  # sample grids (PNG + TensorBoard)
   config.train.sample_columns = 4  # grid columns per split (train and test)
   config.train.eval_every_steps = 0  # FID/KID during training (0 = off)
+  config.train.steps_per_dispatch = 1  # >1: that many steps in one jitted lax.scan (hides host overhead)
+  config.train.prefetch = 2  # input batches put on the device ahead of the step (0 = off)
 
   config.mesh = ml_collections.ConfigDict()
-  config.mesh.data = -1  # devices on the data axis (-1 = all)
+  config.mesh.data = -1  # data-parallel replicas (-1 = all devices / mesh.model)
+  config.mesh.model = 1  # devices that split one replica's large tensors (the full model's FC_0)
+  config.mesh.shard_min_size = 1 << 20  # tensors with fewer elements stay whole on every device
 
   return config

@@ -93,5 +93,9 @@ class Checkpointer:
 
 
 def abstract_like(state_shapes, sharding) -> object:
-  """ShapeDtypeStructs of `state_shapes` (from jax.eval_shape) placed with `sharding`."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state_shapes)
+  """ShapeDtypeStructs of `state_shapes` (from jax.eval_shape) placed with `sharding`: one sharding
+  for every leaf, or a pytree of shardings matching `state_shapes`."""
+  if isinstance(sharding, jax.sharding.Sharding):
+    sharding = jax.tree.map(lambda _: sharding, state_shapes)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_shapes,
+                      sharding)

@@ -74,4 +74,14 @@ def validate(config) -> None:
   for name in ("checkpoint_every_steps", "sample_every_steps", "eval_every_steps"):
     _require(t[name] >= 0, f"train.{name}", t[name], "must be >= 0 (0 = only at the end / off)")
   _require(t.sample_columns >= 1, "train.sample_columns", t.sample_columns, "must be >= 1")
+  k = t.get("steps_per_dispatch", 1)
+  _require(k >= 1, "train.steps_per_dispatch", k, "must be >= 1")
+  for name in ("num_steps", "log_every_steps", "checkpoint_every_steps", "sample_every_steps",
+               "eval_every_steps"):
+    _require(t[name] % k == 0, f"train.{name}", t[name],
+             f"must be a multiple of train.steps_per_dispatch={k} (steps run {k} at a time)")
+  _require(t.get("prefetch", 0) >= 0, "train.prefetch", t.get("prefetch", 0), "must be >= 0 (0 = off)")
+  _require(config.mesh.data == -1 or config.mesh.data >= 1, "mesh.data", config.mesh.data,
+           "use -1 (all devices) or a positive number of replicas")
+  _require(config.mesh.get("model", 1) >= 1, "mesh.model", config.mesh.get("model", 1), "must be >= 1")
   validate_data(config.data)

@@ -52,7 +52,7 @@ def checkpoint_dir(path: pathlib.Path) -> pathlib.Path:
 
 def load_translator(path: str | pathlib.Path) -> Translator:
   """Reads the config and only the inference weights (no optimiser state) from a checkpoint."""
-  ckpt = checkpoint_dir(pathlib.Path(path).expanduser())
+  ckpt = checkpoint_dir(pathlib.Path(path).expanduser().absolute())  # Orbax wants absolute paths
   checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
   config_dict = checkpointer.restore(ckpt, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
   config = ml_collections.ConfigDict(config_dict)

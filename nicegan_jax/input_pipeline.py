@@ -7,10 +7,14 @@ this process's share of every global batch from a given step on.
 Batch k is a pure function of (seed, k): each domain is shuffled (a new order every epoch), augmented
 with a per-index random stream, and batched by grain's random-access `MapDataset`. Resuming at step k
 therefore only needs k; the data iterator position is the step stored in the checkpoint.
+
+Also owns `stacked` (k batches per dispatch) and `Prefetcher` (host-to-device copies ahead of the step).
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 from typing import Iterator, Sequence
 
 import grain
@@ -79,3 +83,66 @@ def train_batches(sources: dict, data_config, *, img_size: int, global_batch_siz
 def test_images(source: Sequence, indices: Sequence[int], *, img_size: int) -> np.ndarray:
   """The test-transformed images at `indices`, stacked (N, S, S, 3)."""
   return np.stack([test_transform(source[i], img_size=img_size) for i in indices])
+
+
+def stacked(batches: Iterator[dict], count: int) -> Iterator[dict]:
+  """Groups `count` consecutive batches into one with a leading axis (for several steps per dispatch)."""
+  while True:
+    group = [next(batches) for _ in range(count)]
+    yield {k: np.stack([b[k] for b in group]) for k in group[0]}
+
+
+class Prefetcher:
+  """Runs `put(next(iterator))` (e.g. the host-to-device copy) in a thread, `size` items ahead.
+
+  The batches stay the same and in the same order (the data position is the step); only the waiting
+  moves off the training loop. `close()` stops the thread; errors surface in the consumer.
+  """
+
+  def __init__(self, iterator: Iterator, put, size: int):
+    self._queue: queue.Queue = queue.Queue(maxsize=max(size, 1))
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._fill, args=(iterator, put), daemon=True)
+    self._thread.start()
+
+  def _offer(self, item) -> bool:
+    """Queues `item` unless stopped first; returns whether it was queued."""
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def _fill(self, iterator, put) -> None:
+    try:
+      for item in iterator:
+        if not self._offer(("item", put(item))):
+          return
+      self._offer(("end", None))
+    except BaseException as e:  # handed to the consumer
+      self._offer(("error", e))
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    kind, value = self._queue.get()
+    if kind == "error":
+      raise value
+    if kind == "end":
+      self._queue.put(("end", None))  # stay exhausted
+      raise StopIteration
+    return value
+
+  def close(self) -> None:
+    self._stop.set()
+    self._thread.join(timeout=5)
+
+
+def device_batches(batches: Iterator[dict], put, prefetch: int):
+  """`put` applied to every batch: in a Prefetcher thread when `prefetch` > 0, else inline."""
+  if prefetch > 0:
+    return Prefetcher(batches, put, prefetch)
+  return (put(b) for b in batches)

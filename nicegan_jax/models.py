@@ -134,6 +134,7 @@ class Generator(nn.Module):
   img_size: int = 256
   light: bool = True
   dtype: Dtype = jnp.float32
+  remat: bool = False  # recompute the residual blocks' activations in the backward pass (saves memory)
 
   @nn.compact
   def __call__(self, z: jax.Array) -> jax.Array:
@@ -151,8 +152,9 @@ class Generator(nn.Module):
     gamma = layers.Dense(width, dtype=self.dtype, name="gamma")(h).astype(jnp.float32)
     beta = layers.Dense(width, dtype=self.dtype, name="beta")(h).astype(jnp.float32)
 
+    block = nn.remat(layers.ResnetAdaILNBlock) if self.remat else layers.ResnetAdaILNBlock
     for i in range(1, self.n_res + 1):
-      x = layers.ResnetAdaILNBlock(width, dtype=self.dtype, name=f"UpBlock1_{i}")(x, gamma, beta)
+      x = block(width, dtype=self.dtype, name=f"UpBlock1_{i}")(x, gamma, beta)
 
     for stage, half in enumerate((width // 2, width // 4)):
       base = 8 * stage
@@ -174,11 +176,11 @@ class Models(NamedTuple):
 
 
 def create_models(model_config) -> Models:
-  """Maps `config.model` (ch, n_res, n_dis, img_size, light, dtype) to the four modules."""
+  """Maps `config.model` (ch, n_res, n_dis, img_size, light, dtype, remat) to the four modules."""
   dtype = jnp.dtype(model_config.get("dtype", "float32"))
   disc = Discriminator(ch=model_config.ch, n_layers=model_config.n_dis, dtype=dtype)
   gen = Generator(ch=model_config.ch, n_res=model_config.n_res, img_size=model_config.img_size,
-                  light=model_config.light, dtype=dtype)
+                  light=model_config.light, dtype=dtype, remat=bool(model_config.get("remat", False)))
   return Models(disA=disc, disB=disc, gen2A=gen, gen2B=gen)
 
 

@@ -145,11 +145,23 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, models: Models
   return state.replace(step=state.step + 1), metrics
 
 
+def scan_steps(train_step: Callable, state: TrainState, batches: dict[str, jax.Array]):
+  """`train_step` over batches stacked on a leading axis, in one `lax.scan`; metrics stacked likewise."""
+  return jax.lax.scan(train_step, state, batches)
+
+
 def make_train_step(config, models: Models) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-  """`train_step` with its dependencies bound from `config` (not jitted; see sharding.jit_train_step)."""
+  """`train_step` with its dependencies bound from `config` (not jitted; see sharding.jit_train_step).
+
+  With `config.train.steps_per_dispatch` k > 1 it is `scan_steps` of k steps: batches and metrics carry
+  a leading axis of length k.
+  """
   g_tx, d_tx = train_state_lib.optimizers(config)
-  return functools.partial(
+  one_step = functools.partial(
       train_step, models=models, g_tx=g_tx, d_tx=d_tx,
       lr_fn=train_state_lib.learning_rate_fn(config.optimizer, config.train.num_steps),
       adv_weight=float(config.loss.adv_weight), cycle_weight=float(config.loss.cycle_weight),
       recon_weight=float(config.loss.recon_weight))
+  if config.train.get("steps_per_dispatch", 1) > 1:
+    return functools.partial(scan_steps, one_step)
+  return one_step

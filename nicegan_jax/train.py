@@ -41,15 +41,23 @@ class MetricAccumulator(flax.struct.PyTreeNode):
 
 
 @jax.jit
-def accumulate(acc: MetricAccumulator | None, metrics: dict, step: jax.Array) -> MetricAccumulator:
+def accumulate(acc: MetricAccumulator | None, metrics: dict, first_step: jax.Array) -> MetricAccumulator:
+  """Adds the metrics of the steps from `first_step` on: scalars (one step) or stacked (k, ) values."""
+  metrics = {k: jnp.atleast_1d(v).astype(jnp.float32) for k, v in metrics.items()}
+  steps = next(iter(metrics.values())).shape[0]
   if acc is None:
     acc = MetricAccumulator(sums={k: jnp.zeros((), jnp.float32) for k in metrics},
                             count=jnp.zeros((), jnp.int32),
                             first_nonfinite_step={k: jnp.full((), -1, jnp.int32) for k in metrics})
-  bad = {k: jnp.where((acc.first_nonfinite_step[k] < 0) & ~jnp.isfinite(v), step,
-                      acc.first_nonfinite_step[k]) for k, v in metrics.items()}
-  sums = {k: acc.sums[k] + v.astype(jnp.float32) for k, v in metrics.items()}
-  return MetricAccumulator(sums=sums, count=acc.count + 1, first_nonfinite_step=bad)
+
+  def first_bad(seen, values):
+    bad = ~jnp.isfinite(values)
+    return jnp.where((seen < 0) & bad.any(), first_step + jnp.argmax(bad).astype(jnp.int32), seen)
+
+  return MetricAccumulator(sums={k: acc.sums[k] + v.sum() for k, v in metrics.items()},
+                           count=acc.count + steps,
+                           first_nonfinite_step={k: first_bad(acc.first_nonfinite_step[k], v)
+                                                 for k, v in metrics.items()})
 
 
 def summarize(acc: MetricAccumulator) -> dict[str, float]:
@@ -117,6 +125,9 @@ def evaluate_and_keep_best(state, models: Models, config, evaluator, best: check
     logging.info("New best checkpoint (mean KIDx100 %.3f) at step %d", kid, step)
 
 
+EXECUTION_ONLY = ("dtype", "remat")  # model fields that change how, not what, is computed
+
+
 def check_same_model(config, ckpt: checkpoints.Checkpointer) -> None:
   """A workdir's checkpoints must hold the configured model; else say so instead of restoring."""
   steps = ckpt.steps()
@@ -127,7 +138,8 @@ def check_same_model(config, ckpt: checkpoints.Checkpointer) -> None:
   except Exception:  # unreadable config: restore_latest will deal with that checkpoint
     return
   current = config.model.to_dict()
-  changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+  changed = sorted(k for k in set(saved) | set(current) - set(EXECUTION_ONLY)
+                   if k not in EXECUTION_ONLY and saved.get(k) != current.get(k))
   if changed:
     raise config_lib.ConfigError(
         f"{ckpt.directory} holds checkpoints of a different model (" +
@@ -136,17 +148,18 @@ def check_same_model(config, ckpt: checkpoints.Checkpointer) -> None:
 
 
 def initial_state(config, models: Models, mesh, ckpt: checkpoints.Checkpointer):
-  """The newest checkpoint's state restored onto `mesh`, or a fresh one."""
+  """(state, its shardings): the newest checkpoint's state restored onto `mesh` (whatever topology
+  wrote it), or a fresh one, placed by the sharding rules."""
   check_same_model(config, ckpt)
-  repl = sharding.replicated(mesh)
-  create = lambda: train_state_lib.create_train_state(config, jax.random.PRNGKey(config.train.seed),
-                                                      models, out_shardings=repl)
-  abstract = checkpoints.abstract_like(jax.eval_shape(create), repl)
-  state, step = ckpt.restore_latest(abstract)
+  create = lambda shardings: train_state_lib.create_train_state(
+      config, jax.random.PRNGKey(config.train.seed), models, out_shardings=shardings)
+  shapes = jax.eval_shape(lambda: create(None))
+  shardings = sharding.state_shardings(shapes, mesh, config.mesh.shard_min_size)
+  state, step = ckpt.restore_latest(checkpoints.abstract_like(shapes, shardings))
   if state is None:
-    return create()
+    return create(shardings), shardings
   logging.info("Resuming from the checkpoint at step %d in %s", step, ckpt.directory)
-  return state
+  return state, shardings
 
 
 def log_parameter_overview(state) -> None:
@@ -161,8 +174,11 @@ def train_and_evaluate(config, workdir: str) -> tuple[Any, dict[str, float]]:
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   t = config.train
-  mesh = sharding.create_mesh(config.mesh)
-  sharding.check_batch_size(t.batch_size, mesh)
+  try:
+    mesh = sharding.create_mesh(config.mesh)
+    sharding.check_batch_size(t.batch_size, mesh)
+  except ValueError as e:  # a mesh or batch size this machine cannot take: a config error
+    raise config_lib.ConfigError(str(e)) from None
   models = create_models(config.model)
   sources = datasets.load_domains(config.data, config.model.img_size)
 
@@ -170,18 +186,28 @@ def train_and_evaluate(config, workdir: str) -> tuple[Any, dict[str, float]]:
     (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
   writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
   ckpt = checkpoints.Checkpointer(workdir / "checkpoints", max_to_keep=t.keep_checkpoints)
-  state = initial_state(config, models, mesh, ckpt)
+  state, state_sharding = initial_state(config, models, mesh, ckpt)
   start = int(state.step)
   if start == 0:
     writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
     log_parameter_overview(state)
 
-  train_step = sharding.jit_train_step(step_lib.make_train_step(config, models), mesh)
+  per_dispatch = t.get("steps_per_dispatch", 1)
+  if start % per_dispatch:
+    raise config_lib.ConfigError(f"config.train.steps_per_dispatch={per_dispatch}: the run resumes at step "
+                                 f"{start}, which is not a multiple of it")
+  stacked = per_dispatch > 1
+  train_step = sharding.jit_train_step(step_lib.make_train_step(config, models), mesh, state_sharding,
+                                       stacked=stacked)
   sample_fn = jax.jit(lambda g, d, a, b: visualize.sample_rows(models, g, d, a, b))
   batches = input_pipeline.train_batches(
       sources, config.data, img_size=config.model.img_size, global_batch_size=t.batch_size,
       seed=t.seed, start_step=start, process_index=jax.process_index(),
       process_count=jax.process_count())
+  if stacked:
+    batches = input_pipeline.stacked(batches, per_dispatch)
+  batches = input_pipeline.device_batches(
+      batches, lambda b: sharding.global_batch(b, mesh, stacked), t.get("prefetch", 0))
 
   evaluator = best = None
   if t.eval_every_steps > 0:
@@ -191,14 +217,13 @@ def train_and_evaluate(config, workdir: str) -> tuple[Any, dict[str, float]]:
 
   acc, summary = None, {}
   last_time, last_step = time.time(), start
-  logging.info("Training steps %d..%d, global batch %d on %d device(s)", start + 1, t.num_steps,
-               t.batch_size, mesh.size)
+  logging.info("Training steps %d..%d, global batch %d on %d device(s) (mesh %s) in %d process(es)",
+               start + 1, t.num_steps, t.batch_size, mesh.size, dict(mesh.shape), jax.process_count())
   try:
-    for step in range(start + 1, t.num_steps + 1):
+    for step in range(start + per_dispatch, t.num_steps + 1, per_dispatch):  # step: the last one done
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        batch = sharding.global_batch(next(batches), mesh)
-        state, metrics = train_step(state, batch)
-        acc = accumulate(acc, metrics, step)
+        state, metrics = train_step(state, next(batches))
+        acc = accumulate(acc, metrics, step - per_dispatch + 1)
       log_due = is_due(step, t.log_every_steps, t.num_steps)
       ckpt_due = is_due(step, t.checkpoint_every_steps, t.num_steps)
       eval_due = evaluator is not None and is_due(step, t.eval_every_steps, t.num_steps)
@@ -223,6 +248,8 @@ def train_and_evaluate(config, workdir: str) -> tuple[Any, dict[str, float]]:
     raise NonFiniteLossError(f"{e}; stopped. The last good checkpoint is step "
                              f"{steps[-1] if steps else 'none'} in {ckpt.directory}") from None
   finally:
+    if isinstance(batches, input_pipeline.Prefetcher):
+      batches.close()
     ckpt.close()
     if best is not None:
       best.close()

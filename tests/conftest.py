@@ -1,4 +1,4 @@
-"""Test setup: project root on sys.path, 4 virtual CPU devices, a persistent XLA compilation cache.
+"""Test setup: project root on sys.path, 8 virtual CPU devices, a persistent XLA compilation cache.
 
 Both are set in the environment, so the subprocesses the end-to-end tests start (main.py) see the same
 devices and compile to the same cached programs as the tests themselves.
@@ -21,4 +21,4 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_force_host_platform_device_count=4").strip()
+                             " --xla_force_host_platform_device_count=8").strip()

@@ -236,7 +236,7 @@ def test_import_checkpoint_writes_a_resumable_workdir(tmp_path):
   saved_config = ml_collections.ConfigDict(ckpt.restore_config())
   assert saved_config.model.light is True and saved_config.model.ch == 4
   models = models_lib.create_models(saved_config.model)
-  restored = train.initial_state(saved_config, models, sharding.create_mesh(saved_config.mesh), ckpt)
+  restored, _ = train.initial_state(saved_config, models, sharding.create_mesh(saved_config.mesh), ckpt)
   expected = convert.build_train_state(convert.read_checkpoint(path), saved_config, models)
   assert int(restored.step) == 1
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(expected)):

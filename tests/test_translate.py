@@ -58,6 +58,13 @@ def test_load_reads_config_and_only_inference_weights(workdir, translator):
     translate_lib.load_translator(workdir[0].parent / "data")
 
 
+def test_load_accepts_a_relative_workdir(workdir, monkeypatch):
+  monkeypatch.chdir(workdir[0].parent)
+  relative = translate_lib.load_translator(workdir[0].name)
+  np.testing.assert_array_equal(relative.generators["B2A"]["FC_0"]["kernel"],
+                                np.asarray(workdir[3].gen_params["gen2A"]["FC_0"]["kernel"]))
+
+
 def test_translate_equals_the_train_time_forward(workdir, translator):
   _, config, nets, state = workdir
   x = jax.random.uniform(jax.random.PRNGKey(5), (2, 64, 64, 3), minval=-1, maxval=1)

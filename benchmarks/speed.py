@@ -1,0 +1,235 @@
+"""Training and translation speed, memory and FLOPs of one configuration, measured in one process.
+
+Owns the speed benchmark: for a config (light/full, image size, batch, dtype, remat, steps per
+dispatch, device count) it reports the compile time of the train step, median and min seconds per
+train step over N timed steps after warm-up, train images/s (one A plus one B image per batch
+element), translate images/s at batch 1 and 32, peak device memory (peak RSS on CPU), the FLOPs of one
+step from XLA's cost analysis and, on GPU/TPU, the fraction of the chip's peak FLOP/s it reaches.
+`--torch` also times the PyTorch reference (tests/torch_reference.py, eager, same sizes, CPU) in the
+same process, and reports our speed-up over it.
+
+  python -m benchmarks.speed --img_size=64 --ch=32 --batch=1 [--dtype=bfloat16] [--json] [--torch]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Peak dense bf16 FLOP/s per chip (vendor figures, without sparsity).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
+              "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12}
+
+
+def chip_peak_flops(device) -> float | None:
+  kind = getattr(device, "device_kind", "")
+  for name, flops in PEAK_FLOPS.items():
+    if name.lower() in kind.lower():
+      return flops
+  return None
+
+
+def make_config(args):
+  from configs import default
+  config = default.get_config()
+  m, t = config.model, config.train
+  m.img_size, m.ch, m.n_res, m.n_dis, m.light = args.img_size, args.ch, args.n_res, args.n_dis, not args.full
+  m.dtype, m.remat = args.dtype, args.remat
+  t.batch_size, t.steps_per_dispatch = args.batch, args.steps_per_dispatch
+  t.num_steps = 1_000_000
+  config.mesh.data = args.devices
+  return config
+
+
+def peak_memory_bytes() -> tuple[int, str]:
+  device = jax.devices()[0]
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  if stats and "peak_bytes_in_use" in stats:
+    return int(stats["peak_bytes_in_use"]), "device peak"
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
+
+
+def random_batch(rng, config, stacked: int):
+  size, b = config.model.img_size, config.train.batch_size
+  shape = (stacked, b, size, size, 3) if stacked > 1 else (b, size, size, 3)
+  return {d: rng.uniform(-1, 1, shape).astype(np.float32) for d in "AB"}
+
+
+def time_train(config, *, steps: int, warmup: int) -> dict:
+  from nicegan_jax import models as models_lib, sharding, step as step_lib, train_state
+  models = models_lib.create_models(config.model)
+  mesh = sharding.create_mesh(config.mesh)
+  k = config.train.steps_per_dispatch
+  shapes = jax.eval_shape(lambda: train_state.create_train_state(config, jax.random.PRNGKey(0), models))
+  shardings = sharding.state_shardings(shapes, mesh, config.mesh.shard_min_size)
+  state = train_state.create_train_state(config, jax.random.PRNGKey(0), models, out_shardings=shardings)
+  step_fn = sharding.jit_train_step(step_lib.make_train_step(config, models), mesh, shardings,
+                                    stacked=k > 1)
+  rng = np.random.default_rng(0)
+  batch = sharding.global_batch(random_batch(rng, config, k), mesh, stacked=k > 1)
+  start = time.perf_counter()
+  compiled = step_fn.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", 0.0)) / k if cost else None
+  times = []
+  for i in range(warmup + steps):
+    start = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    if i >= warmup:
+      times.append((time.perf_counter() - start) / k)
+  return {"compile_s": compile_s, "step_s_median": statistics.median(times), "step_s_min": min(times),
+          "flops_per_step": flops, "models": models, "state": state}
+
+
+def time_translate(config, models, state, batch: int, repeats: int) -> float:
+  """Translate images/s (A2B, at the training size) for one batch size."""
+  from nicegan_jax import inference
+  translator = inference.translator_from_state(config, models, state)
+  size = config.model.img_size
+  images = np.random.default_rng(1).uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
+  run = lambda: jax.block_until_ready(inference._translate_batch(
+      translator.encoders["A2B"], translator.generators["A2B"], jnp.asarray(images), models=models,
+      direction="A2B", work_size=(size, size)))
+  run()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - start)
+  return batch / statistics.median(times)
+
+
+def time_torch(config, *, steps: int, warmup: int) -> float:
+  """Median seconds per training iteration of the eager PyTorch reference at the same sizes."""
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+  import torch
+  import torch_reference
+  torch.manual_seed(0)
+  m = config.model
+  nice = torch_reference.NICE(ch=m.ch, n_res=m.n_res, n_dis=m.n_dis, img_size=m.img_size, light=m.light)
+  b, s = config.train.batch_size, m.img_size
+  a, bb = torch.rand(b, 3, s, s) * 2 - 1, torch.rand(b, 3, s, s) * 2 - 1
+  times = []
+  for i in range(warmup + steps):
+    start = time.perf_counter()
+    nice.train_iteration(i + 1, a, bb)
+    if i >= warmup:
+      times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def measure(args) -> dict:
+  config = make_config(args)
+  train = time_train(config, steps=args.steps, warmup=args.warmup)
+  device = jax.devices()[0]
+  result = {
+      "backend": jax.default_backend(), "device": getattr(device, "device_kind", str(device)),
+      "devices": config.mesh.data if config.mesh.data > 0 else jax.device_count(),
+      "img_size": args.img_size, "ch": args.ch, "n_res": args.n_res, "n_dis": args.n_dis,
+      "light": not args.full, "batch": args.batch, "dtype": args.dtype, "remat": args.remat,
+      "steps_per_dispatch": args.steps_per_dispatch,
+      "compile_s": train["compile_s"], "step_s_median": train["step_s_median"],
+      "step_s_min": train["step_s_min"], "train_iter_per_s": 1.0 / train["step_s_median"],
+      "train_img_per_s": 2 * args.batch / train["step_s_median"],
+      "flops_per_step": train["flops_per_step"],
+  }
+  peak = chip_peak_flops(device)
+  if peak and train["flops_per_step"]:
+    result["peak_fraction"] = train["flops_per_step"] / train["step_s_median"] / (peak * result["devices"])
+  if not args.no_translate:
+    result["translate_img_per_s"] = {str(b): time_translate(config, train["models"], train["state"], b,
+                                                            args.translate_repeats)
+                                     for b in (1, 32)}
+  result["peak_mem_bytes"], result["peak_mem_kind"] = peak_memory_bytes()
+  if args.torch:
+    torch_s = time_torch(config, steps=args.torch_steps, warmup=1)
+    result["torch_step_s_median"] = torch_s
+    result["speedup_vs_torch"] = torch_s / train["step_s_median"]
+  return result
+
+
+def markdown_table(rows: list[dict]) -> str:
+  """The README's table from JSON lines of this command."""
+  lines = ["| device | model | size | batch | dtype | options | train img/s | step (median) | "
+           "peak memory | vs PyTorch eager |", "|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    options = ", ".join(o for o, on in (("remat", r["remat"]),
+                                        (f"{r['steps_per_dispatch']} steps/dispatch",
+                                         r["steps_per_dispatch"] > 1)) if on) or "-"
+    torch = f"{r['speedup_vs_torch']:.2f}x" if "speedup_vs_torch" in r else ""
+    lines.append(f"| {r['device']} | {'light' if r['light'] else 'full'} ch {r['ch']} | {r['img_size']} | "
+                 f"{r['batch']} | {r['dtype']} | {options} | {r['train_img_per_s']:.2f} | "
+                 f"{r['step_s_median'] * 1e3:.0f} ms | {r['peak_mem_bytes'] / 2**30:.2f} GiB "
+                 f"({r['peak_mem_kind']}) | {torch} |")
+  return "\n".join(lines)
+
+
+def parse(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--img_size", type=int, default=64)
+  p.add_argument("--ch", type=int, default=64)
+  p.add_argument("--n_res", type=int, default=6)
+  p.add_argument("--n_dis", type=int, default=None, help="default: 7 at >= 128 px, else 6")
+  p.add_argument("--full", action="store_true", help="the full model (default: light)")
+  p.add_argument("--batch", type=int, default=1)
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--remat", action="store_true", help="rematerialise the generators' residual blocks")
+  p.add_argument("--steps_per_dispatch", type=int, default=1)
+  p.add_argument("--devices", type=int, default=1, help="data-parallel devices (-1 = all)")
+  p.add_argument("--steps", type=int, default=10, help="timed steps")
+  p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--translate_repeats", type=int, default=5)
+  p.add_argument("--no_translate", action="store_true")
+  p.add_argument("--torch", action="store_true", help="also time the eager PyTorch reference (CPU)")
+  p.add_argument("--torch_steps", type=int, default=5)
+  p.add_argument("--json", action="store_true", help="print one JSON line")
+  p.add_argument("--table", metavar="JSONL", help="only print the markdown table of a file of JSON lines")
+  args = p.parse_args(argv)
+  if args.n_dis is None:
+    args.n_dis = 7 if args.img_size >= 128 else 6
+  return args
+
+
+def main(argv=None) -> int:
+  args = parse(argv)
+  if args.table:
+    with open(args.table) as f:
+      print(markdown_table([json.loads(line) for line in f if line.strip()]))
+    return 0
+  result = measure(args)
+  if args.json:
+    print(json.dumps(result))
+    return 0
+  print(f"{result['device']} x{result['devices']}  {'light' if result['light'] else 'full'} "
+        f"{args.img_size}px ch {args.ch} n_res {args.n_res} n_dis {args.n_dis} batch {args.batch} "
+        f"{args.dtype}{' remat' if args.remat else ''} steps/dispatch {args.steps_per_dispatch}")
+  print(f"compile {result['compile_s']:.1f} s   step median {result['step_s_median'] * 1e3:.1f} ms "
+        f"(min {result['step_s_min'] * 1e3:.1f})   {result['train_iter_per_s']:.2f} it/s   "
+        f"{result['train_img_per_s']:.2f} img/s")
+  if result.get("flops_per_step"):
+    print(f"FLOPs/step {result['flops_per_step'] / 1e9:.1f} G" +
+          (f"   {100 * result['peak_fraction']:.1f}% of peak" if "peak_fraction" in result else ""))
+  if "translate_img_per_s" in result:
+    print("translate img/s: " + "  ".join(f"batch {b}: {v:.1f}" for b, v in
+                                          result["translate_img_per_s"].items()))
+  print(f"{result['peak_mem_kind']}: {result['peak_mem_bytes'] / 2**20:.0f} MiB")
+  if "speedup_vs_torch" in result:
+    print(f"PyTorch reference (eager): {result['torch_step_s_median'] * 1e3:.1f} ms/step -> "
+          f"{result['speedup_vs_torch']:.2f}x")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,50 @@
+"""The Animal-MNIST horse->zebra benchmark command, run on a handful of images for a few steps.
+
+Plumbing only: every reported field is present and well-formed. Quality is the benchmark's job
+(README: the numbers of a full run), never a unit test's.
+"""
+
+import json
+import math
+
+import numpy as np
+from PIL import Image
+
+from benchmarks import horse2zebra_mini as bench
+from configs import animal_horse2zebra
+
+
+def test_mask_iou_and_blur_behave():
+  img = np.zeros((1, 28, 28))
+  img[0, 8:20, 8:20] = 200
+  assert bench.mask_iou(img, img)[0] == 1.0
+  assert bench.mask_iou(img, np.zeros_like(img))[0] == 0.0
+  shifted = bench.mask_iou(img, np.roll(img, 2, axis=2))[0]
+  assert 0.6 < shifted < 0.9
+  blurred = bench.gaussian_blur(img)
+  assert abs(blurred.sum() - img.sum()) < 1e-6 * img.sum()  # a normalised kernel keeps the mass
+  assert blurred[0, 14, 14] == 200 and 0 < blurred[0, 6, 14] < 24  # flat inside, a soft edge outside
+
+
+def test_benchmark_smoke_run_reports_every_field(tmp_path):
+  config = animal_horse2zebra.get_config()
+  config.model.ch, config.model.n_res = 8, 1
+  config.train.num_steps, config.train.checkpoint_every_steps, config.train.sample_every_steps = 2, 2, 2
+  config.train.log_every_steps = 1
+  results = bench.run_benchmark(config, tmp_path / "run", num_test=4, judge_steps=30)
+  saved = json.loads((tmp_path / "run" / "benchmark.json").read_text())
+  assert saved == json.loads(json.dumps(results))
+  assert results["steps"] == 2 and results["num_test"] == 4
+  assert results["train_wall_s"] > 0 and results["train_img_per_s"] > 0
+  for key in ("judge_heldout_accuracy", "judge_zebra_rate", "mask_iou"):
+    assert 0.0 <= results[key] <= 1.0, key
+  assert math.isfinite(results["kid_x100"])
+  for key in ("judge_zebra_rate_raw_horses", "judge_zebra_rate_real_zebras", "kid_x100_raw_horses",
+              "kid_x100_train_zebras_64_roundtrip", "mask_iou_unrelated_zebra", "mask_iou_horse_shifted_2px"):
+    assert math.isfinite(results["baselines"][key]), key
+  assert set(results["pass"]) == set(bench.CRITERIA) and isinstance(results["passed"], bool)
+  grid = Image.open(results["grid"])
+  assert grid.size == (2 * 4 * 64, 2 * 2 * 64)
+  # Scoring again without training reuses the run and its recorded wall time.
+  again = bench.run_benchmark(config, tmp_path / "run", eval_only=True, num_test=4, judge_steps=30)
+  assert again["steps"] == 2 and again["train_wall_s"] == results["train_wall_s"]

@@ -1,0 +1,155 @@
+"""Speed and memory options: remat, several steps per dispatch, bfloat16 compute, prefetch; the
+speed benchmark's report. None of these may change what is computed beyond float rounding."""
+
+import json
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import test as test_config
+from nicegan_jax import input_pipeline, models as models_lib, step, train_state
+
+
+def random_batch(seed, batch_size, img_size):
+  rng = np.random.default_rng(seed)
+  return {d: rng.uniform(-1, 1, (batch_size, img_size, img_size, 3)).astype(np.float32) for d in "AB"}
+
+
+def test_remat_changes_neither_outputs_nor_gradients():
+  config = test_config.get_config()
+  plain = models_lib.create_models(config.model).gen2A
+  config.model.remat = True
+  remat = models_lib.create_models(config.model).gen2A
+  z = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 2 * config.model.ch))
+  params = plain.init(jax.random.PRNGKey(1), z)["params"]
+  loss = lambda gen: jax.jit(jax.value_and_grad(lambda p: jnp.mean(gen.apply({"params": p}, z) ** 2)))
+  (v1, g1), (v2, g2) = loss(plain)(params), loss(remat)(params)
+  assert v1 == pytest.approx(float(v2), rel=1e-6)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def tiny_config(**train):
+  config = test_config.get_config()
+  config.train.num_steps = 100
+  for key, value in train.items():
+    config.train[key] = value
+  return config
+
+
+BATCHES = [random_batch(i, 2, 64) for i in range(3)]
+
+
+@pytest.fixture(scope="module")
+def float32_run():
+  """Three single steps of the tiny config in float32: the reference for scan and bfloat16."""
+  config = tiny_config()
+  models = models_lib.create_models(config.model)
+  state0 = train_state.create_train_state(config, jax.random.PRNGKey(0), models)
+  train = jax.jit(step.make_train_step(config, models))
+  states, losses, state = [], [], state0
+  for b in BATCHES:
+    state, m = train(state, b)
+    states.append(jax.device_get(state))
+    losses.append({k: float(v) for k, v in m.items()})
+  return state0, states, losses
+
+
+def test_steps_per_dispatch_equals_single_steps(float32_run):
+  """Two steps in one lax.scan give the same state and metrics as two dispatched steps."""
+  state0, states, losses = float32_run
+  config = tiny_config(steps_per_dispatch=2)
+  models = models_lib.create_models(config.model)
+  scanned = jax.jit(step.make_train_step(config, models))
+  stacked = {d: np.stack([b[d] for b in BATCHES[:2]]) for d in "AB"}
+  s2, metrics = scanned(state0, stacked)
+  assert int(s2.step) == 2 and metrics["G/loss"].shape == (2,)
+  for i, m in enumerate(losses[:2]):
+    for k in m:
+      assert float(metrics[k][i]) == pytest.approx(m[k], rel=1e-5, abs=1e-7), (i, k)
+  s1 = states[1]
+  a = np.concatenate([np.ravel(x) for x in jax.tree.leaves((s1.gen_params, s1.disc_params))])
+  b = np.concatenate([np.ravel(x) for x in jax.tree.leaves((s2.gen_params, s2.disc_params))])
+  assert np.mean(np.abs(a - b) <= 1e-6) > 0.999 and np.abs(a - b).max() <= 2 * 2 * config.optimizer.lr
+
+
+def test_bfloat16_losses_track_float32(float32_run):
+  """bfloat16 compute (float32 params, optimizer state and normalisation statistics) vs float32.
+
+  bfloat16 keeps 8 mantissa bits: each conv output carries ~0.4% relative error, and the losses are
+  means of many such values, so they agree to about 1%; over 3 steps we allow 3% per loss term
+  (a broken cast — e.g. statistics or the loss in bfloat16 — shows as 10% or more, or a NaN).
+  """
+  _, _, losses32 = float32_run
+  config = tiny_config()
+  config.model.dtype = "bfloat16"
+  models = models_lib.create_models(config.model)
+  state = train_state.create_train_state(config, jax.random.PRNGKey(0), models)
+  train = jax.jit(step.make_train_step(config, models))
+  losses16 = []
+  for b in BATCHES:
+    state, m = train(state, b)
+    losses16.append({k: float(v) for k, v in m.items()})
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves((state.gen_params, state.disc_params,
+                                                              state.g_opt_state, state.d_opt_state))
+             if jnp.issubdtype(x.dtype, jnp.floating))
+  for step_i, (l32, l16) in enumerate(zip(losses32, losses16)):
+    for k in ("D/loss", "G/loss", "G/cycle_A", "G/recon_B", "D/adv_A_local", "G/adv_B_global"):
+      assert np.isfinite(l16[k]) and l16[k] == pytest.approx(l32[k], rel=0.03), (step_i, k, l32[k], l16[k])
+
+
+def test_prefetcher_keeps_order_surfaces_errors_and_stops():
+  put_threads = set()
+
+  def put(x):
+    put_threads.add(threading.current_thread().name)
+    return x * 10
+
+  assert list(input_pipeline.Prefetcher(iter(range(5)), put, 2)) == [0, 10, 20, 30, 40]
+  assert threading.current_thread().name not in put_threads  # the copies ran in the thread
+
+  def failing():
+    yield 1
+    raise OSError("disk gone")
+  it = input_pipeline.Prefetcher(failing(), put, 2)
+  assert next(it) == 10
+  with pytest.raises(OSError, match="disk gone"):
+    next(it)
+
+  def endless():
+    i = 0
+    while True:
+      yield i
+      i += 1
+  it = input_pipeline.Prefetcher(endless(), put, 2)
+  next(it)
+  it.close()
+  time.sleep(0.3)
+  assert not it._thread.is_alive()
+  assert list(input_pipeline.device_batches(iter([1, 2]), put, 0)) == [10, 20]
+
+
+def test_stacked_groups_consecutive_batches():
+  batches = iter([{"A": np.full((2, 1), i)} for i in range(6)])
+  out = next(input_pipeline.stacked(batches, 3))
+  assert out["A"].shape == (3, 2, 1) and out["A"][:, 0, 0].tolist() == [0, 1, 2]
+
+
+def test_speed_benchmark_reports_every_field(capsys):
+  from benchmarks import speed
+  args = speed.parse(["--img_size=64", "--ch=8", "--n_res=1", "--batch=2", "--steps=2", "--warmup=1",
+                      "--translate_repeats=1", "--json"])
+  assert speed.main(["--img_size=64", "--ch=8", "--n_res=1", "--batch=2", "--steps=2", "--warmup=1",
+                     "--translate_repeats=1", "--json"]) == 0
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  for key in ("train_img_per_s", "step_s_median", "step_s_min", "compile_s", "peak_mem_bytes",
+              "flops_per_step", "translate_img_per_s"):
+    assert key in result, key
+  assert result["train_img_per_s"] == pytest.approx(2 * args.batch / result["step_s_median"])
+  assert result["flops_per_step"] > 1e8 and result["peak_mem_bytes"] > 1e8
+  assert set(result["translate_img_per_s"]) == {"1", "32"}
+  assert result["n_dis"] == 6 and result["light"] is True and result["backend"] == "cpu"

@@ -1,0 +1,184 @@
+"""Scale-out: the sharding rules, data+model-sharded steps against one device, multi-process training.
+
+The data+model test lowers `mesh.shard_min_size` so the tiny test models have tensors split over the
+`model` axis (at real sizes only the full generator's FC_0 and the largest discriminator convs are).
+The multi-process test starts two `main.py` processes on 127.0.0.1 with 2 CPU devices each.
+"""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from conftest import ROOT
+from configs import full as full_config
+from configs import test as test_config
+from nicegan_jax import checkpoints, datasets, models as models_lib, sharding, step, train_state
+
+
+def test_leaf_rule_splits_only_large_tensors_along_a_divisible_dimension():
+  assert sharding.leaf_spec((1 << 20, 256), 4) == P("model")  # the full generator's FC_0 (in, out)
+  assert sharding.leaf_spec((4, 4, 1024, 2048), 2) == P(None, None, None, "model")
+  assert sharding.leaf_spec((3, 3, 256, 256), 2) == P()  # 590K elements: replicated
+  assert sharding.leaf_spec((1 << 20, 256), 1) == P()
+  assert sharding.leaf_spec((1_000_003, 3), 2) == P()  # nothing divisible: replicated
+  assert sharding.leaf_spec((6, 10), 2, min_size=8) == P(None, "model")
+
+
+def test_model_axis_lets_the_full_model_state_fit():
+  """Per-device bytes of the full 256x256 model's train state (params + Adam moments), shapes only."""
+  config = full_config.get_config()
+  nets = models_lib.create_models(config.model)
+  shapes = jax.eval_shape(lambda: train_state.create_train_state(config, jax.random.PRNGKey(0), nets))
+  sizes = {}
+  for model in (1, 2, 4, 8):
+    mesh = sharding.create_mesh(type("M", (), {"data": 1, "model": model})(), jax.devices()[:model])
+    sizes[model] = sharding.bytes_per_device(shapes, sharding.state_shardings(shapes, mesh))
+  gib = {m: b / 2**30 for m, b in sizes.items()}
+  assert 7.0 < gib[1] < 7.5, gib  # 647M params x 3 copies (param, mu, nu) x 4 bytes
+  assert gib[2] < 0.55 * gib[1] and gib[8] < 0.2 * gib[1], gib
+
+
+def test_mesh_errors_say_what_is_wrong():
+  config = test_config.get_config().mesh
+  config.data, config.model = -1, 3
+  with pytest.raises(ValueError, match="config.mesh.model=3: must be >= 1 and divide the 8"):
+    sharding.create_mesh(config)
+  config.data, config.model = 8, 2
+  with pytest.raises(ValueError, match="needs 16 devices but only 8"):
+    sharding.create_mesh(config)
+
+
+def random_batch(seed: int, batch: int, size: int):
+  rng = np.random.default_rng(seed)
+  return {d: rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32) for d in "AB"}
+
+
+def run_steps(config, mesh, state, batches):
+  """The training loop's placement: the rule's shardings for the state, batches split on `data`."""
+  nets = models_lib.create_models(config.model)
+  shapes = jax.eval_shape(lambda: state)
+  shardings = sharding.state_shardings(shapes, mesh, config.mesh.shard_min_size)
+  train_step = sharding.jit_train_step(step.make_train_step(config, nets), mesh, shardings)
+  state = jax.device_put(jax.tree.map(np.asarray, state), shardings)
+  losses = []
+  for b in batches:
+    state, metrics = train_step(state, sharding.global_batch(b, mesh))
+    losses.append({k: float(v) for k, v in metrics.items()})
+  return state, losses, shardings
+
+
+@pytest.mark.parametrize("light", [True, False], ids=["light", "full"])
+def test_data_and_model_sharded_steps_equal_one_device(light):
+  config = test_config.get_config()
+  config.model.light = light
+  config.train.batch_size = 4
+  config.mesh.shard_min_size = 1024  # split the tiny model's tensors too
+  nets = models_lib.create_models(config.model)
+  state0 = train_state.create_train_state(config, jax.random.PRNGKey(0), nets)
+  batches = [random_batch(i, 4, config.model.img_size) for i in range(2)]
+  one = sharding.create_mesh(type("M", (), {"data": 1, "model": 1})(), jax.devices()[:1])
+  mesh = sharding.create_mesh(type("M", (), {"data": 4, "model": 2})(), jax.devices()[:8])
+  single, single_losses, _ = run_steps(config, one, state0, batches)
+  multi, multi_losses, shardings = run_steps(config, mesh, state0, batches)
+  split = [s.spec for s in jax.tree.leaves(shardings) if s.spec != P()]
+  assert len(split) >= 10, "the test must exercise model-sharded tensors"
+  if not light:  # the full generator's FC_0 is among them, split along its 4096 inputs
+    assert shardings.gen_params["gen2A"]["FC_0"]["kernel"].spec == P("model")
+  # Step 1 starts from identical parameters: only the reduction order differs (1e-5). Step 2 starts from
+  # parameters that already differ by the Adam effect described below, which the losses feel (1e-3).
+  for i, (a, b) in enumerate(zip(single_losses, multi_losses)):
+    for k in a:
+      assert b[k] == pytest.approx(a[k], rel=1e-5 if i == 0 else 1e-3, abs=1e-6), (i, k)
+  # Same tolerance argument as the data-parallel test in test_step.py: reductions in another order
+  # change gradients by ~1e-7 relative; Adam can turn that into up to lr per step for a near-zero one.
+  a = np.concatenate([np.ravel(x) for x in jax.tree.leaves((single.gen_params, single.disc_params))])
+  b = np.concatenate([np.ravel(x) for x in jax.tree.leaves((multi.gen_params, multi.disc_params))])
+  assert np.mean(np.abs(a - b) <= 1e-5) > 0.999
+  assert np.abs(a - b).max() <= 2 * 2 * config.optimizer.lr
+
+
+# ------------------------------------------------------------------------------------ multi-process
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def prepared_dataset(tmp_path_factory):
+  """A tiny image-folder dataset, prepared once here so that concurrent processes only read it."""
+  from test_train import make_dataset
+  root = tmp_path_factory.mktemp("data")
+  config = test_config.get_config()
+  config.data.path, config.data.data_dir = str(make_dataset(root / "tiny")), str(root / "cache")
+  datasets.load_domains(config.data, config.model.img_size)
+  return config.data
+
+
+def main_py(data, workdir, *flags, devices: int, steps: int):
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  cmd = [sys.executable, str(ROOT / "main.py"), f"--config={ROOT / 'configs' / 'test.py'}",
+         f"--workdir={workdir}", f"--config.data.path={data.path}", f"--config.data.data_dir={data.data_dir}",
+         f"--config.train.num_steps={steps}", "--config.train.batch_size=4",
+         "--config.train.sample_every_steps=0", "--config.train.checkpoint_every_steps=2", *flags]
+  return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+
+
+def finish(procs, timeout=420):
+  outputs = []
+  try:
+    for p in procs:
+      outputs.append(p.communicate(timeout=timeout)[0])
+  finally:
+    for p in procs:
+      p.kill()
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-3000:]
+  return outputs
+
+
+def restore(workdir: pathlib.Path, step: int):
+  config = test_config.get_config()
+  config.train.batch_size = 4
+  nets = models_lib.create_models(config.model)
+  shapes = jax.eval_shape(lambda: train_state.create_train_state(config, jax.random.PRNGKey(0), nets))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  ckpt = checkpoints.Checkpointer(workdir / "checkpoints")
+  try:
+    return ckpt._manager.restore(step, args=checkpoints.ocp.args.Composite(
+        state=checkpoints.ocp.args.StandardRestore(checkpoints.abstract_like(shapes, device))))["state"]
+  finally:
+    ckpt.close()
+
+
+def test_two_processes_train_like_one_and_restore_on_one_device(tmp_path, prepared_dataset):
+  data = prepared_dataset
+  port = free_port()
+  two = tmp_path / "two_processes"
+  procs = [main_py(data, two, "--config.mesh.data=-1", f"--coordinator_address=127.0.0.1:{port}",
+                   "--num_processes=2", f"--process_id={i}", devices=2, steps=2) for i in range(2)]
+  one = tmp_path / "one_process"
+  procs.append(main_py(data, one, "--config.mesh.data=-1", devices=4, steps=2))
+  outputs = finish(procs)
+  assert "in 2 process(es)" in outputs[0] and "mesh {'data': 4, 'model': 1}" in outputs[0]
+  assert "in 1 process(es)" in outputs[2]
+  a, b = restore(two, 2), restore(one, 2)
+  assert int(a.step) == int(b.step) == 2
+  x = np.concatenate([np.ravel(v) for v in jax.tree.leaves((a.gen_params, a.disc_params, a.spectral))])
+  y = np.concatenate([np.ravel(v) for v in jax.tree.leaves((b.gen_params, b.disc_params, b.spectral))])
+  assert np.mean(np.abs(x - y) <= 1e-6) > 0.999 and np.abs(x - y).max() <= 2 * 2e-4
+  assert json.loads((two / "config.json").read_text())["train"]["batch_size"] == 4
+
+  # The 4-device checkpoint restores on 1 device and training continues from it.
+  (out,) = finish([main_py(data, two, "--config.mesh.data=1", devices=1, steps=3)])
+  assert "Resuming from the checkpoint at step 2" in out
+  assert sorted(int(p.name) for p in (two / "checkpoints").iterdir() if p.name.isdigit())[-1] == 3
