@@ -1,26 +1,17 @@
-"""Scale-out: the sharding rules, data+model-sharded steps against one device, multi-process training.
+"""Scale-out: the sharding rules, the per-device memory they give, data+model-sharded steps vs one device.
 
 The data+model test lowers `mesh.shard_min_size` so the tiny test models have tensors split over the
 `model` axis (at real sizes only the full generator's FC_0 and the largest discriminator convs are).
-The multi-process test starts two `main.py` processes on 127.0.0.1 with 2 CPU devices each.
 """
-
-import json
-import os
-import pathlib
-import socket
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from conftest import ROOT
 from configs import full as full_config
 from configs import test as test_config
-from nicegan_jax import checkpoints, datasets, models as models_lib, sharding, step, train_state
+from nicegan_jax import models as models_lib, sharding, step, train_state
 
 
 def test_leaf_rule_splits_only_large_tensors_along_a_divisible_dimension():
@@ -103,82 +94,3 @@ def test_data_and_model_sharded_steps_equal_one_device(light):
   b = np.concatenate([np.ravel(x) for x in jax.tree.leaves((multi.gen_params, multi.disc_params))])
   assert np.mean(np.abs(a - b) <= 1e-5) > 0.999
   assert np.abs(a - b).max() <= 2 * 2 * config.optimizer.lr
-
-
-# ------------------------------------------------------------------------------------ multi-process
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def prepared_dataset(tmp_path_factory):
-  """A tiny image-folder dataset, prepared once here so that concurrent processes only read it."""
-  from test_train import make_dataset
-  root = tmp_path_factory.mktemp("data")
-  config = test_config.get_config()
-  config.data.path, config.data.data_dir = str(make_dataset(root / "tiny")), str(root / "cache")
-  datasets.load_domains(config.data, config.model.img_size)
-  return config.data
-
-
-def main_py(data, workdir, *flags, devices: int, steps: int):
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-  cmd = [sys.executable, str(ROOT / "main.py"), f"--config={ROOT / 'configs' / 'test.py'}",
-         f"--workdir={workdir}", f"--config.data.path={data.path}", f"--config.data.data_dir={data.data_dir}",
-         f"--config.train.num_steps={steps}", "--config.train.batch_size=4",
-         "--config.train.sample_every_steps=0", "--config.train.checkpoint_every_steps=2", *flags]
-  return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
-
-
-def finish(procs, timeout=420):
-  outputs = []
-  try:
-    for p in procs:
-      outputs.append(p.communicate(timeout=timeout)[0])
-  finally:
-    for p in procs:
-      p.kill()
-  for p, out in zip(procs, outputs):
-    assert p.returncode == 0, out[-3000:]
-  return outputs
-
-
-def restore(workdir: pathlib.Path, step: int):
-  config = test_config.get_config()
-  config.train.batch_size = 4
-  nets = models_lib.create_models(config.model)
-  shapes = jax.eval_shape(lambda: train_state.create_train_state(config, jax.random.PRNGKey(0), nets))
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  ckpt = checkpoints.Checkpointer(workdir / "checkpoints")
-  try:
-    return ckpt._manager.restore(step, args=checkpoints.ocp.args.Composite(
-        state=checkpoints.ocp.args.StandardRestore(checkpoints.abstract_like(shapes, device))))["state"]
-  finally:
-    ckpt.close()
-
-
-def test_two_processes_train_like_one_and_restore_on_one_device(tmp_path, prepared_dataset):
-  data = prepared_dataset
-  port = free_port()
-  two = tmp_path / "two_processes"
-  procs = [main_py(data, two, "--config.mesh.data=-1", f"--coordinator_address=127.0.0.1:{port}",
-                   "--num_processes=2", f"--process_id={i}", devices=2, steps=2) for i in range(2)]
-  one = tmp_path / "one_process"
-  procs.append(main_py(data, one, "--config.mesh.data=-1", devices=4, steps=2))
-  outputs = finish(procs)
-  assert "in 2 process(es)" in outputs[0] and "mesh {'data': 4, 'model': 1}" in outputs[0]
-  assert "in 1 process(es)" in outputs[2]
-  a, b = restore(two, 2), restore(one, 2)
-  assert int(a.step) == int(b.step) == 2
-  x = np.concatenate([np.ravel(v) for v in jax.tree.leaves((a.gen_params, a.disc_params, a.spectral))])
-  y = np.concatenate([np.ravel(v) for v in jax.tree.leaves((b.gen_params, b.disc_params, b.spectral))])
-  assert np.mean(np.abs(x - y) <= 1e-6) > 0.999 and np.abs(x - y).max() <= 2 * 2e-4
-  assert json.loads((two / "config.json").read_text())["train"]["batch_size"] == 4
-
-  # The 4-device checkpoint restores on 1 device and training continues from it.
-  (out,) = finish([main_py(data, two, "--config.mesh.data=1", devices=1, steps=3)])
-  assert "Resuming from the checkpoint at step 2" in out
-  assert sorted(int(p.name) for p in (two / "checkpoints").iterdir() if p.name.isdigit())[-1] == 3
