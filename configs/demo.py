@@ -20,6 +20,7 @@ def get_config():
   config.model.n_dis = 6
   config.train.num_steps = 1000
   config.train.batch_size = 1
+  config.mesh.data = 1  # batch 1 runs on one device, whatever the machine has
   config.optimizer.decay_flag = False
   config.train.log_every_steps = 50
   config.train.checkpoint_every_steps = 500
