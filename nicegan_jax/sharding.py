@@ -45,7 +45,7 @@ def create_mesh(mesh_config=None, devices=None) -> Mesh:
     data = len(devices) // model
   if data * model > len(devices):
     raise ValueError(f"config.mesh.data={data} x config.mesh.model={model} needs {data * model} devices "
-                     f"but only {len(devices)} are visible")
+                     f"but only {len(devices)} devices are visible")
   grid = np.array(devices[:data * model]).reshape(data, model)
   return Mesh(grid, (DATA_AXIS, MODEL_AXIS), axis_types=(AxisType.Auto, AxisType.Auto))
 
