@@ -205,11 +205,14 @@ def convert_optimizer(opt_state_dict: dict, ckpt: dict, owners: tuple[str, str],
   return mu, nu, count
 
 
+def _as_jax(tree):
+  return jax.tree.map(jnp.asarray, tree)
+
+
 def _with_adam(opt_state, mu, nu, count: int):
   """Our optimiser state (add_decayed_weights, scale_by_adam, schedule) with the given moments/count."""
-  as_jnp = lambda tree: jax.tree.map(jnp.asarray, tree)
   opt_state = optax.tree_utils.tree_set(opt_state, count=jnp.asarray(count, jnp.int32))
-  return optax.tree_utils.tree_set(opt_state, mu=as_jnp(mu), nu=as_jnp(nu))
+  return optax.tree_utils.tree_set(opt_state, mu=_as_jax(mu), nu=_as_jax(nu))
 
 
 def build_train_state(ckpt: dict, config, models: models_lib.Models, *,
@@ -221,8 +224,7 @@ def build_train_state(ckpt: dict, config, models: models_lib.Models, *,
   disc_params = {name: nets[name]["params"] for name in ("disA", "disB")}
   spectral = {name: nets[name]["spectral"] for name in ("disA", "disB")}
   g_tx, d_tx = train_state_lib.optimizers(config)
-  as_jnp = lambda tree: jax.tree.map(jnp.asarray, tree)
-  g_opt, d_opt = g_tx.init(as_jnp(gen_params)), d_tx.init(as_jnp(disc_params))
+  g_opt, d_opt = g_tx.init(_as_jax(gen_params)), d_tx.init(_as_jax(disc_params))
   step = 0
   if with_optimizer and "G_optimizer" in ckpt and "D_optimizer" in ckpt:
     g_mu, g_nu, g_count = convert_optimizer(ckpt["G_optimizer"], ckpt, ("gen2B", "gen2A"), model,
@@ -233,8 +235,8 @@ def build_train_state(ckpt: dict, config, models: models_lib.Models, *,
     step = int(ckpt.get("start_iter", g_count))
   rng = jax.random.split(jax.random.PRNGKey(config.train.seed))[1]  # as create_train_state
   return train_state_lib.TrainState(
-      step=jnp.asarray(step, jnp.int32), gen_params=as_jnp(gen_params), disc_params=as_jnp(disc_params),
-      spectral=as_jnp(spectral), g_opt_state=g_opt, d_opt_state=d_opt, rng=rng)
+      step=jnp.asarray(step, jnp.int32), gen_params=_as_jax(gen_params), disc_params=_as_jax(disc_params),
+      spectral=_as_jax(spectral), g_opt_state=g_opt, d_opt_state=d_opt, rng=rng)
 
 
 def import_config(ckpt: dict, base_config: ml_collections.ConfigDict | None = None):

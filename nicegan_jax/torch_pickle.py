@@ -138,6 +138,13 @@ def _storage_dtype(storage_type):
   raise TorchFileError(f"unsupported storage type {storage_type!r}")
 
 
+def _storage_reference(pid) -> tuple:
+  """(storage type, key) of a persistent id ('storage', type, key, location, numel, ...)."""
+  if not isinstance(pid, tuple) or len(pid) < 3 or pid[0] != "storage":
+    raise TorchFileError(f"unexpected persistent id {pid!r}")
+  return pid[1], pid[2]
+
+
 def _load_zip(data: bytes, torchscript: bool):
   archive = zipfile.ZipFile(io.BytesIO(data))
   names = archive.namelist()
@@ -150,9 +157,7 @@ def _load_zip(data: bytes, torchscript: bool):
   storages: dict[str, _Storage] = {}
 
   def persistent_load(pid):
-    if not isinstance(pid, tuple) or pid[0] != "storage":
-      raise TorchFileError(f"unexpected persistent id {pid!r}")
-    _, storage_type, key = pid[:3]
+    storage_type, key = _storage_reference(pid)
     if key not in storages:
       storage = _Storage(_storage_dtype(storage_type))
       try:
@@ -179,9 +184,7 @@ def _load_legacy(data: bytes):
   storages: dict[str, _Storage] = {}
 
   def persistent_load(pid):
-    if not isinstance(pid, tuple) or pid[0] != "storage":
-      raise TorchFileError(f"unexpected persistent id {pid!r}")
-    _, storage_type, key = pid[:3]
+    storage_type, key = _storage_reference(pid)
     if len(pid) > 5 and pid[5] is not None:
       raise TorchFileError("legacy storage views are not supported")
     storages.setdefault(key, _Storage(_storage_dtype(storage_type)))

@@ -138,8 +138,8 @@ def check_same_model(config, ckpt: checkpoints.Checkpointer) -> None:
   except Exception:  # unreadable config: restore_latest will deal with that checkpoint
     return
   current = config.model.to_dict()
-  changed = sorted(k for k in set(saved) | set(current) - set(EXECUTION_ONLY)
-                   if k not in EXECUTION_ONLY and saved.get(k) != current.get(k))
+  changed = sorted(k for k in (set(saved) | set(current)) - set(EXECUTION_ONLY)
+                   if saved.get(k) != current.get(k))
   if changed:
     raise config_lib.ConfigError(
         f"{ckpt.directory} holds checkpoints of a different model (" +
