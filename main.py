@@ -31,6 +31,8 @@ flags.DEFINE_enum("mode", "train", ["train", "translate", "test", "evaluate", "i
                   "PyTorch checkpoint (--torch_checkpoint) into a checkpoint in --workdir.")
 flags.DEFINE_string("inception_weights", None, "evaluate: pytorch-fid's pt_inception-2015-12-05-*.pth "
                     "(default: the cached weights; `python -m nicegan_jax.inception --fetch`).")
+flags.DEFINE_integer("max_images", 0, "test, evaluate: only the first N images of each test split "
+                     "(0 = all; scores at different N are not comparable).", lower_bound=0)
 flags.DEFINE_string("input", None, "translate: an image file or a folder (walked recursively).")
 flags.DEFINE_string("output", None, "translate: the folder for the PNG outputs (sub-folders mirrored).")
 flags.DEFINE_enum("direction", "A2B", list(translate_lib.DIRECTIONS), "translate: A2B or B2A.")
@@ -77,7 +79,7 @@ def run_test() -> None:
   config = translator.config
   sources = datasets.load_domains(config.data, config.model.img_size)
   out = pathlib.Path(FLAGS.workdir) / "test"
-  written = translate_files.translate_test_split(translator, sources, out)
+  written = translate_files.translate_test_split(translator, sources, out, max_images=FLAGS.max_images)
   for name, files in written.items():
     print(f"Wrote {len(files)} image(s) to {out / name}")
 
@@ -85,14 +87,8 @@ def run_test() -> None:
 def run_evaluate() -> None:
   from clu import metric_writers
   from nicegan_jax import evaluation
-  try:
-    inception.load_weights(FLAGS.inception_weights)
-  except inception.WeightsError:
-    if FLAGS.inception_weights:
-      raise
-    logging.info("Fetching the FID Inception weights (once): %s", inception.cache_path())
-    inception.fetch_weights()
-  result = evaluation.evaluate_run(FLAGS.workdir, weights_file=FLAGS.inception_weights)
+  result = evaluation.evaluate_run(FLAGS.workdir, weights_file=FLAGS.inception_weights,
+                                   max_images=FLAGS.max_images)
   writer = metric_writers.create_default_writer(FLAGS.workdir, just_logging=jax.process_index() > 0)
   writer.write_scalars(result["step"], {f"eval/{d}/{k}": result[d][k] for d in ("A2B", "B2A")
                                         for k in ("fid", "kid_x100")})

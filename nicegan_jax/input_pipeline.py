@@ -1,12 +1,13 @@
 """Deterministic input pipelines: unpaired A/B training batches and the test transform, with grain.
 
 Owns: the original's transforms (`train_transform`: flip, resize to img+margin, random crop, [-1, 1];
-`test_transform`: resize, [-1, 1]), the per-domain grain datasets and `train_batches`, which yields
+`test_transform`: resize, [-1, 1]), the per-domain grain streams and `train_batches`, which yields
 this process's share of every global batch from a given step on.
 
 Batch k is a pure function of (seed, k): each domain is shuffled (a new order every epoch), augmented
-with a per-index random stream, and batched by grain's random-access `MapDataset`. Resuming at step k
-therefore only needs k; the data iterator position is the step stored in the checkpoint.
+with a per-index random stream, and read by index from grain's random-access `MapDataset`. Resuming at
+step k therefore only needs k; the data iterator position is the step stored in the checkpoint. The
+global batch does not depend on the number of processes: each process reads only its rows of it.
 
 Also owns `stacked` (k batches per dispatch) and `Prefetcher` (host-to-device copies ahead of the step).
 """
@@ -49,16 +50,20 @@ def test_transform(image: np.ndarray, *, img_size: int) -> np.ndarray:
   return to_unit_range(resize(image, img_size))
 
 
-def domain_dataset(source: Sequence, *, img_size: int, margin: int, flip: bool, batch_size: int,
-                   seed: int, process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
-  """An endless, shuffled, augmented, batched dataset of one domain; this process's shard only."""
-  if len(source) < process_count:
-    raise ValueError(f"{len(source)} images cannot be shared among {process_count} processes")
-  ds = grain.MapDataset.source(source)[process_index::process_count]
-  ds = ds.shuffle(seed=seed).repeat()
-  ds = ds.random_map(lambda img, rng: train_transform(img, rng, img_size=img_size, margin=margin,
-                                                      flip=flip), seed=seed + 1)
-  return ds.batch(batch_size, drop_remainder=True)
+def domain_stream(source: Sequence, *, img_size: int, margin: int, flip: bool, seed: int
+                  ) -> grain.MapDataset:
+  """An endless, shuffled (a new order every epoch), augmented random-access stream of one domain."""
+  ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+  return ds.random_map(lambda img, rng: train_transform(img, rng, img_size=img_size, margin=margin,
+                                                        flip=flip), seed=seed + 1)
+
+
+def process_rows(global_batch_size: int, process_index: int, process_count: int) -> range:
+  """The rows of every global batch that this process reads: a contiguous block of G / P rows."""
+  if global_batch_size % process_count:
+    raise ValueError(f"batch size {global_batch_size} is not divisible by {process_count} processes")
+  local = global_batch_size // process_count
+  return range(process_index * local, (process_index + 1) * local)
 
 
 def train_batches(sources: dict, data_config, *, img_size: int, global_batch_size: int, seed: int,
@@ -66,18 +71,20 @@ def train_batches(sources: dict, data_config, *, img_size: int, global_batch_siz
                   num_threads: int = 4) -> Iterator[dict[str, np.ndarray]]:
   """{"A": (b, S, S, 3), "B": ...} float32 host batches for steps start_step, start_step+1, ...
 
-  b = global_batch_size / process_count. A and B are drawn independently (unpaired).
+  Global batch k holds elements k*G ... k*G+G-1 of each domain's stream; this process gets its rows
+  of it (b = G / process_count), so the global batch is the same whatever the number of processes.
+  A and B are drawn independently (unpaired).
   """
-  if global_batch_size % process_count:
-    raise ValueError(f"batch size {global_batch_size} is not divisible by {process_count} processes")
-  local = global_batch_size // process_count
-  common = dict(img_size=img_size, margin=int(data_config.resize_margin), flip=bool(data_config.flip),
-                batch_size=local, process_index=process_index, process_count=process_count)
-  domain_a = domain_dataset(sources["trainA"], seed=seed * 4 + 1, **common)
-  domain_b = domain_dataset(sources["trainB"], seed=seed * 4 + 2, **common)
-  pairs = grain.MapDataset.range(start_step, 2**62).map(lambda k: {"A": domain_a[k], "B": domain_b[k]})
+  rows = process_rows(global_batch_size, process_index, process_count)
+  common = dict(img_size=img_size, margin=int(data_config.resize_margin), flip=bool(data_config.flip))
+  streams = {"A": domain_stream(sources["trainA"], seed=seed * 4 + 1, **common),
+             "B": domain_stream(sources["trainB"], seed=seed * 4 + 2, **common)}
+
+  def batch(k):
+    return {d: np.stack([stream[k * global_batch_size + r] for r in rows]) for d, stream in streams.items()}
+
   options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(2 * num_threads, 2))
-  return iter(pairs.to_iter_dataset(options))
+  return iter(grain.MapDataset.range(start_step, 2**62).map(batch).to_iter_dataset(options))
 
 
 def test_images(source: Sequence, indices: Sequence[int], *, img_size: int) -> np.ndarray:

@@ -11,11 +11,12 @@ checkpoint, so the last checkpoint on disk is always a good one.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import pathlib
 import time
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import jax
@@ -28,6 +29,9 @@ from nicegan_jax import checkpoints, config_lib, datasets, input_pipeline, shard
 from nicegan_jax import train_state as train_state_lib
 from nicegan_jax import visualize
 from nicegan_jax.models import Models, create_models
+
+
+COMPILE_BARRIER_TIMEOUT_S = 3600  # how long processes wait for each other to compile the step
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -162,14 +166,37 @@ def initial_state(config, models: Models, mesh, ckpt: checkpoints.Checkpointer):
   return state, shardings
 
 
+def compile_everywhere(train_step, state, batch):
+  """The jitted step compiled ahead of its first call; with several processes, none starts the first
+  step before all have compiled it.
+
+  Compile times differ between hosts, and CPU collectives (gloo) give up after 30 s of waiting for a
+  peer; the barrier here waits on the coordinator instead, for as long as compiling takes.
+  """
+  start = time.time()
+  compiled = train_step.lower(state, batch).compile()
+  logging.info("Compiled the train step in %.1f s", time.time() - start)
+  if jax.process_count() > 1:
+    from orbax.checkpoint import multihost
+    multihost.sync_global_processes("nicegan_jax_train_step_compiled", timeout=COMPILE_BARRIER_TIMEOUT_S,
+                                    processes=set(range(jax.process_count())))
+  return compiled
+
+
 def log_parameter_overview(state) -> None:
   for name, params in {**state.gen_params, **state.disc_params}.items():
     logging.info("Parameters of %s:\n%s", name,
                  parameter_overview.get_parameter_overview(jax.device_get(params), include_stats=False))
 
 
-def train_and_evaluate(config, workdir: str) -> tuple[Any, dict[str, float]]:
-  """Trains (or resumes) to config.train.num_steps. Returns (final state, last metric summary)."""
+def train_and_evaluate(config, workdir: str, *,
+                       on_log: Callable[[int, dict[str, float]], None] | None = None
+                       ) -> tuple[Any, dict[str, float]]:
+  """Trains (or resumes) to config.train.num_steps. Returns (final state, last metric summary).
+
+  `on_log(step, scalars)`, if given, is called on process 0 every `train.log_every_steps` with the
+  logged scalars (every loss term, `steps_per_sec`, `eta_s`): live progress for notebooks and tools.
+  """
   config_lib.validate(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -216,13 +243,18 @@ def train_and_evaluate(config, workdir: str) -> tuple[Any, dict[str, float]]:
     best = checkpoints.Checkpointer(workdir / "checkpoints_best", max_to_keep=1, async_save=False)
 
   acc, summary = None, {}
-  last_time, last_step = time.time(), start
   logging.info("Training steps %d..%d, global batch %d on %d device(s) (mesh %s) in %d process(es)",
                start + 1, t.num_steps, t.batch_size, mesh.size, dict(mesh.shape), jax.process_count())
   try:
+    steps_batches = batches
+    if start < t.num_steps:
+      first_batch = next(batches)
+      train_step = compile_everywhere(train_step, state, first_batch)
+      steps_batches = itertools.chain([first_batch], batches)
+    last_time, last_step = time.time(), start
     for step in range(start + per_dispatch, t.num_steps + 1, per_dispatch):  # step: the last one done
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        state, metrics = train_step(state, next(batches))
+        state, metrics = train_step(state, next(steps_batches))
         acc = accumulate(acc, metrics, step - per_dispatch + 1)
       log_due = is_due(step, t.log_every_steps, t.num_steps)
       ckpt_due = is_due(step, t.checkpoint_every_steps, t.num_steps)
@@ -235,6 +267,8 @@ def train_and_evaluate(config, workdir: str) -> tuple[Any, dict[str, float]]:
         last_time, last_step = now, step
         writer.write_scalars(step, {**summary, "steps_per_sec": steps_per_s})
         eta = (t.num_steps - step) / max(steps_per_s, 1e-9)
+        if on_log is not None and jax.process_index() == 0:
+          on_log(step, {**summary, "steps_per_sec": steps_per_s, "eta_s": eta})
         logging.info("step %d/%d  %.2f steps/s  ETA %s  D %.4f  G %.4f", step, t.num_steps, steps_per_s,
                      time.strftime("%H:%M:%S", time.gmtime(eta)), summary["D/loss"], summary["G/loss"])
       if is_due(step, t.sample_every_steps, t.num_steps):

@@ -57,15 +57,24 @@ def translate_folder(translator: Translator, input_path: str | pathlib.Path, out
   return FolderReport(written, unreadable, skipped)
 
 
+def split_size(source, max_images: int = 0) -> int:
+  """How many images of a split are used: all, or the first `max_images` when it is positive."""
+  if max_images < 0:
+    raise ValueError(f"max_images must be >= 0 (0 = all), got {max_images}")
+  return min(len(source), max_images) if max_images else len(source)
+
+
 def translate_split(translator: Translator, source, direction: str, *, batch_size: int = 16,
-                    progress: bool = False) -> list[np.ndarray]:
-  """Every image of a split, resized to the training size (the test transform), translated: uint8."""
+                    progress: bool = False, max_images: int = 0) -> list[np.ndarray]:
+  """The images of a split (all, or the first max_images), resized to the training size (the test
+  transform) and translated: uint8."""
   size = translator.config.model.img_size
+  count = split_size(source, max_images)
   out = []
-  for start in tqdm(range(0, len(source), batch_size), desc=f"translate {direction}", unit="batch",
+  for start in tqdm(range(0, count, batch_size), desc=f"translate {direction}", unit="batch",
                     disable=not progress):
     chunk = [input_pipeline.resize(np.asarray(source[i]), size)
-             for i in range(start, min(start + batch_size, len(source)))]
+             for i in range(start, min(start + batch_size, count))]
     batch = np.stack(chunk + [chunk[-1]] * (batch_size - len(chunk)))  # one compiled batch shape
     out.extend(translate(translator, batch, direction)[:len(chunk)])
   return out
@@ -79,13 +88,14 @@ def _split_relative_name(source, index: int, split: str) -> pathlib.Path:
 
 
 def translate_test_split(translator: Translator, sources: dict, output_dir: str | pathlib.Path,
-                         *, progress: bool = True) -> dict[str, list[pathlib.Path]]:
-  """testA -> output_dir/fakeB, testB -> output_dir/fakeA, PNGs at the training size."""
+                         *, progress: bool = True, max_images: int = 0) -> dict[str, list[pathlib.Path]]:
+  """testA -> output_dir/fakeB, testB -> output_dir/fakeA, PNGs at the training size (all images, or
+  the first max_images of each split)."""
   output_dir = pathlib.Path(output_dir)
   written = {}
   for src, dst, direction in (("A", "B", "A2B"), ("B", "A", "B2A")):
     source = sources[f"test{src}"]
-    fakes = translate_split(translator, source, direction, progress=progress)
+    fakes = translate_split(translator, source, direction, progress=progress, max_images=max_images)
     written[f"fake{dst}"] = []
     for i, fake in enumerate(fakes):
       out = output_dir / f"fake{dst}" / _split_relative_name(source, i, f"test{src}")

@@ -130,9 +130,24 @@ def test_batches_are_a_function_of_the_step_and_differ_between_domains(tmp_path)
                                          start_step=4)
   np.testing.assert_array_equal(next(resumed)["A"], batches[4]["A"])
   assert not np.array_equal(batches[0]["A"], batches[1]["A"])
-  shard = input_pipeline.train_batches(sources, config, img_size=16, global_batch_size=2, seed=3,
-                                       process_index=1, process_count=2)
-  assert next(shard)["A"].shape == (1, 16, 16, 3)
+
+
+
+def test_processes_read_their_rows_of_the_same_global_batches():
+  rng = np.random.default_rng(1)
+  sources = {s: [rng.integers(0, 256, (20, 20, 3), dtype=np.uint8) for _ in range(5)]
+             for s in ("trainA", "trainB")}
+  config = data_config("", "")
+  one = input_pipeline.train_batches(sources, config, img_size=16, global_batch_size=4, seed=3, start_step=1)
+  shards = [input_pipeline.train_batches(sources, config, img_size=16, global_batch_size=4, seed=3,
+                                         start_step=1, process_index=p, process_count=2) for p in (0, 1)]
+  for _ in range(3):  # crosses an epoch boundary (5 images, 4 per batch)
+    whole, parts = next(one), [next(s) for s in shards]
+    for domain in ("A", "B"):
+      assert parts[0][domain].shape == (2, 16, 16, 3)
+      np.testing.assert_array_equal(np.concatenate([p[domain] for p in parts]), whole[domain])
+  with pytest.raises(ValueError, match="not divisible by 3 processes"):
+    input_pipeline.train_batches(sources, config, img_size=16, global_batch_size=4, seed=3, process_count=3)
 
 
 def test_animal_mnist_split_is_disjoint_and_fixed():

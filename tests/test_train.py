@@ -78,7 +78,12 @@ def test_main_trains_end_to_end(dataset, tmp_path):
 def uninterrupted(dataset, tmp_path_factory):
   root = tmp_path_factory.mktemp("uninterrupted")
   config = tiny_config(dataset, root)
-  state, summary = train.train_and_evaluate(config, str(root / "run"))
+  logged = []
+  state, summary = train.train_and_evaluate(config, str(root / "run"),
+                                            on_log=lambda step, scalars: logged.append((step, scalars)))
+  assert [step for step, _ in logged] == list(range(config.train.log_every_steps, config.train.num_steps + 1,
+                                                    config.train.log_every_steps))
+  assert logged[-1][1] == {**summary, "steps_per_sec": logged[-1][1]["steps_per_sec"], "eta_s": 0.0}
   return jax.device_get(state), summary, root / "run"
 
 

@@ -1,0 +1,103 @@
+"""Two processes on 127.0.0.1 (2 CPU devices each) train with the real main.py and end where one
+4-device process ends; the checkpoint then restores on 1 device, trains on and translates.
+
+Bounded: each process is killed after PROCESS_TIMEOUT_S, and the test fails with its log.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from nicegan_jax import checkpoints, datasets, load_translator, sharding, train, translate
+from nicegan_jax.models import create_models
+from test_train import make_dataset, tiny_config
+
+PROCESS_TIMEOUT_S = 480
+STEPS = 4
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def config_flags(config) -> list[str]:
+  return ["--config=configs/test.py", f"--config.data.path={config.data.path}",
+          f"--config.data.data_dir={config.data.data_dir}", f"--config.train.batch_size={config.train.batch_size}",
+          "--config.mesh.data=-1", f"--config.train.num_steps={STEPS}"]
+
+
+def run_two_processes(config, workdir) -> None:
+  port = free_port()
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  procs = [subprocess.Popen(
+      [sys.executable, "main.py", *config_flags(config), f"--workdir={workdir}",
+       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  logs = []
+  try:
+    for p in procs:
+      logs.append(p.communicate(timeout=PROCESS_TIMEOUT_S)[0])
+  except subprocess.TimeoutExpired:
+    for p in procs:
+      p.kill()
+    pytest.fail(f"the two-process run did not finish in {PROCESS_TIMEOUT_S} s:\n" +
+                "\n".join((p.communicate()[0] or "")[-3000:] for p in procs))
+  for i, (p, log) in enumerate(zip(procs, logs)):
+    assert p.returncode == 0, f"process {i} failed:\n{log[-4000:]}"
+  assert "JAX process 1 of 2, 2 local / 4 global devices" in logs[1]
+
+
+def restore_on_one_device(config, workdir):
+  mesh = sharding.create_mesh(type("M", (), {"data": 1, "model": 1})(), jax.devices()[:1])
+  ckpt = checkpoints.Checkpointer(workdir / "checkpoints", max_to_keep=10)
+  state, _ = train.initial_state(config, create_models(config.model), mesh, ckpt)
+  ckpt.close()
+  return jax.device_get(state)
+
+
+def flat_params(state) -> np.ndarray:
+  return np.concatenate([np.ravel(x) for x in jax.tree.leaves((state.gen_params, state.disc_params))])
+
+
+def test_two_processes_equal_one_and_restore_on_one_device(tmp_path):
+  config = tiny_config(make_dataset(tmp_path / "data"), tmp_path)
+  config.train.batch_size = 4
+  config.train.num_steps = STEPS
+  datasets.load_domains(config.data, config.model.img_size)  # prepared once, not by two processes at once
+
+  one_process = tmp_path / "one_process"
+  reference = config.copy_and_resolve_references()
+  reference.mesh.data = 4  # the same 4-way data parallelism, in one process (devices 0-3 of this one)
+  train.train_and_evaluate(reference, str(one_process))
+
+  two_processes = tmp_path / "two_processes"
+  run_two_processes(config, two_processes)
+  assert sorted(p.name for p in (two_processes / "checkpoints").iterdir()) == ["2", "4"]
+
+  single = config.copy_and_resolve_references()
+  single.mesh.data = 1
+  a, b = restore_on_one_device(single, one_process), restore_on_one_device(single, two_processes)
+  assert int(a.step) == int(b.step) == STEPS
+  # The same global batches on the same 4-way data parallelism: only the order of the cross-device sums
+  # differs (in-process vs gloo across processes). As in test_sharding.py, that leaves a weight whose
+  # gradient is within rounding of zero free to take an Adam step (~lr) the other way; all other weights
+  # agree to 1e-5. Different data would move most weights apart by ~lr per step.
+  pa, pb = flat_params(a), flat_params(b)
+  assert np.mean(np.abs(pa - pb) <= 1e-5) > 0.999
+  assert np.abs(pa - pb).max() <= 2 * STEPS * config.optimizer.lr
+
+  single.train.num_steps = STEPS + 2  # the two-process checkpoint trains on, on one device
+  state, _ = train.train_and_evaluate(single, str(two_processes))
+  assert int(state.step) == STEPS + 2 and (two_processes / "checkpoints" / str(STEPS + 2)).is_dir()
+  translator = load_translator(two_processes)
+  images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+  out = translate(translator, images)
+  assert out.shape == images.shape and out.dtype == np.uint8
