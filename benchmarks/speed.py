@@ -43,7 +43,7 @@ def make_config(args):
   config = default.get_config()
   m, t = config.model, config.train
   m.img_size, m.ch, m.n_res, m.n_dis, m.light = args.img_size, args.ch, args.n_res, args.n_dis, not args.full
-  m.dtype, m.remat = args.dtype, args.remat
+  m.dtype, m.remat, m.conv_weight_grad = args.dtype, args.remat, args.conv_weight_grad
   t.batch_size, t.steps_per_dispatch = args.batch, args.steps_per_dispatch
   t.num_steps = 1_000_000
   config.mesh.data = args.devices
@@ -131,6 +131,7 @@ def time_torch(config, *, steps: int, warmup: int) -> float:
 
 
 def measure(args) -> dict:
+  from nicegan_jax import models as models_lib
   config = make_config(args)
   train = time_train(config, steps=args.steps, warmup=args.warmup)
   device = jax.devices()[0]
@@ -139,6 +140,7 @@ def measure(args) -> dict:
       "devices": config.mesh.data if config.mesh.data > 0 else jax.device_count(),
       "img_size": args.img_size, "ch": args.ch, "n_res": args.n_res, "n_dis": args.n_dis,
       "light": not args.full, "batch": args.batch, "dtype": args.dtype, "remat": args.remat,
+      "conv_weight_grad": models_lib.conv_weight_grad_for(args.conv_weight_grad),
       "steps_per_dispatch": args.steps_per_dispatch,
       "compile_s": train["compile_s"], "step_s_median": train["step_s_median"],
       "step_s_min": train["step_s_min"], "train_iter_per_s": 1.0 / train["step_s_median"],
@@ -166,6 +168,8 @@ def markdown_table(rows: list[dict]) -> str:
            "peak memory | vs PyTorch eager |", "|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     options = ", ".join(o for o, on in (("remat", r["remat"]),
+                                        (f"{r.get('conv_weight_grad')} weight grads",
+                                         r.get("conv_weight_grad") == "matmul"),
                                         (f"{r['steps_per_dispatch']} steps/dispatch",
                                          r["steps_per_dispatch"] > 1)) if on) or "-"
     torch = f"{r['speedup_vs_torch']:.2f}x" if "speedup_vs_torch" in r else ""
@@ -186,6 +190,8 @@ def parse(argv=None):
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--remat", action="store_true", help="rematerialise the generators' residual blocks")
+  p.add_argument("--conv_weight_grad", default="auto", choices=["auto", "xla", "matmul"],
+                 help="how conv kernel gradients are computed (auto: matmul on CPU, xla on GPU/TPU)")
   p.add_argument("--steps_per_dispatch", type=int, default=1)
   p.add_argument("--devices", type=int, default=1, help="data-parallel devices (-1 = all)")
   p.add_argument("--steps", type=int, default=10, help="timed steps")
@@ -214,7 +220,8 @@ def main(argv=None) -> int:
     return 0
   print(f"{result['device']} x{result['devices']}  {'light' if result['light'] else 'full'} "
         f"{args.img_size}px ch {args.ch} n_res {args.n_res} n_dis {args.n_dis} batch {args.batch} "
-        f"{args.dtype}{' remat' if args.remat else ''} steps/dispatch {args.steps_per_dispatch}")
+        f"{args.dtype}{' remat' if args.remat else ''} steps/dispatch {args.steps_per_dispatch} "
+        f"{result['conv_weight_grad']} weight grads")
   print(f"compile {result['compile_s']:.1f} s   step median {result['step_s_median'] * 1e3:.1f} ms "
         f"(min {result['step_s_min'] * 1e3:.1f})   {result['train_iter_per_s']:.2f} it/s   "
         f"{result['train_img_per_s']:.2f} img/s")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pathlib
 
-from nicegan_jax import datasets
+from nicegan_jax import datasets, layers
 from nicegan_jax.models import discriminator_feature_sizes
 
 CYCLE_GAN_NAMES = ("apple2orange", "summer2winter_yosemite", "horse2zebra", "monet2photo",
@@ -60,6 +60,9 @@ def validate(config) -> None:
   _require(m.ch >= 1, "model.ch", m.ch, "must be >= 1")
   _require(m.n_res >= 0, "model.n_res", m.n_res, "must be >= 0")
   _require(m.dtype in DTYPES, "model.dtype", m.dtype, f"use one of {', '.join(DTYPES)}")
+  weight_grads = ("auto", *layers.WEIGHT_GRADS)
+  _require(m.get("conv_weight_grad", "auto") in weight_grads, "model.conv_weight_grad",
+           m.get("conv_weight_grad"), f"use one of {', '.join(weight_grads)}")
   for name in ("adv_weight", "cycle_weight", "recon_weight"):
     _require(config.loss[name] >= 0, f"loss.{name}", config.loss[name], "must be >= 0")
   _require(o.lr > 0, "optimizer.lr", o.lr, "must be > 0")

@@ -82,10 +82,11 @@ class Discriminator(nn.Module):
   ch: int = 64
   n_layers: int = 7
   dtype: Dtype = jnp.float32
+  weight_grad: str = "xla"  # layers.WEIGHT_GRADS: how convs compute their kernel gradients
 
   def _sn_conv(self, features: int, stride: int, name: str, use_bias: bool = True, pad: int = 1):
     return layers.Conv(features, 4, stride=stride, pad=pad, use_bias=use_bias, spectral_norm=True,
-                       dtype=self.dtype, name=name)
+                       dtype=self.dtype, weight_grad=self.weight_grad, name=name)
 
   @nn.compact
   def __call__(self, x: jax.Array, update_stats: bool = False, encode_only: bool = False):
@@ -100,7 +101,8 @@ class Discriminator(nn.Module):
     pooled = jnp.concatenate([jnp.mean(x0_f32, axis=(1, 2)), jnp.max(x0_f32, axis=(1, 2))], axis=-1)
     cam_logit, raw_weight = layers.SpectralLinear(1, name="fc")(pooled, update_stats)
     weighted = jnp.concatenate([x0, x0], axis=-1) * raw_weight[0].astype(x0.dtype)
-    attention = layers.Conv(ch * 2, 1, use_bias=True, dtype=self.dtype, name="conv1x1")(weighted)
+    attention = layers.Conv(ch * 2, 1, use_bias=True, dtype=self.dtype, weight_grad=self.weight_grad,
+                            name="conv1x1")(weighted)
     lamda = self.param("lamda", nn.initializers.zeros, (1,))
     z = lrelu(lamda.astype(x0.dtype) * attention + x0)
     if encode_only:
@@ -135,12 +137,13 @@ class Generator(nn.Module):
   light: bool = True
   dtype: Dtype = jnp.float32
   remat: bool = False  # recompute the residual blocks' activations in the backward pass (saves memory)
+  weight_grad: str = "xla"  # layers.WEIGHT_GRADS: how convs compute their kernel gradients
 
   @nn.compact
   def __call__(self, z: jax.Array) -> jax.Array:
     width = self.ch * 4
     conv = lambda f, k, name, bias: layers.Conv(f, k, pad=(k - 1) // 2, use_bias=bias, dtype=self.dtype,
-                                                name=name)
+                                                weight_grad=self.weight_grad, name=name)
     x = nn.relu(layers.ILN(name="UpBlock0_2")(conv(width, 3, "UpBlock0_1", True)(z)))
 
     if self.light:
@@ -154,7 +157,7 @@ class Generator(nn.Module):
 
     block = nn.remat(layers.ResnetAdaILNBlock) if self.remat else layers.ResnetAdaILNBlock
     for i in range(1, self.n_res + 1):
-      x = block(width, dtype=self.dtype, name=f"UpBlock1_{i}")(x, gamma, beta)
+      x = block(width, dtype=self.dtype, weight_grad=self.weight_grad, name=f"UpBlock1_{i}")(x, gamma, beta)
 
     for stage, half in enumerate((width // 2, width // 4)):
       base = 8 * stage
@@ -175,12 +178,23 @@ class Models(NamedTuple):
   gen2B: Generator
 
 
+def conv_weight_grad_for(setting: str, backend: str | None = None) -> str:
+  """`config.model.conv_weight_grad` -> a layers.WEIGHT_GRADS value: "auto" is "matmul" on CPUs (where
+  XLA's weight-gradient convolution is slow at small batches) and "xla" on GPUs and TPUs."""
+  if setting != "auto":
+    return setting
+  return "matmul" if (backend or jax.default_backend()) == "cpu" else "xla"
+
+
 def create_models(model_config) -> Models:
-  """Maps `config.model` (ch, n_res, n_dis, img_size, light, dtype, remat) to the four modules."""
+  """Maps `config.model` (ch, n_res, n_dis, img_size, light, dtype, remat, conv_weight_grad) to the
+  four modules."""
   dtype = jnp.dtype(model_config.get("dtype", "float32"))
-  disc = Discriminator(ch=model_config.ch, n_layers=model_config.n_dis, dtype=dtype)
+  weight_grad = conv_weight_grad_for(model_config.get("conv_weight_grad", "auto"))
+  disc = Discriminator(ch=model_config.ch, n_layers=model_config.n_dis, dtype=dtype, weight_grad=weight_grad)
   gen = Generator(ch=model_config.ch, n_res=model_config.n_res, img_size=model_config.img_size,
-                  light=model_config.light, dtype=dtype, remat=bool(model_config.get("remat", False)))
+                  light=model_config.light, dtype=dtype, remat=bool(model_config.get("remat", False)),
+                  weight_grad=weight_grad)
   return Models(disA=disc, disB=disc, gen2A=gen, gen2B=gen)
 
 

@@ -129,7 +129,7 @@ def evaluate_and_keep_best(state, models: Models, config, evaluator, best: check
     logging.info("New best checkpoint (mean KIDx100 %.3f) at step %d", kid, step)
 
 
-EXECUTION_ONLY = ("dtype", "remat")  # model fields that change how, not what, is computed
+EXECUTION_ONLY = ("dtype", "remat", "conv_weight_grad")  # model fields that change how, not what, is computed
 
 
 def check_same_model(config, ckpt: checkpoints.Checkpointer) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from nicegan_jax import input_pipeline, models as models_lib, step, train_state
+from nicegan_jax import config_lib, input_pipeline, layers, models as models_lib, step, train_state
 
 
 def random_batch(seed, batch_size, img_size):
@@ -31,6 +31,36 @@ def test_remat_changes_neither_outputs_nor_gradients():
   assert v1 == pytest.approx(float(v2), rel=1e-6)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("size,features_in,features,kernel,stride,pad", [
+    (16, 8, 16, 3, 1, 1), (33, 3, 16, 4, 2, 1), (16, 16, 32, 4, 1, 1), (8, 16, 16, 1, 1, 0),
+    (7, 16, 32, 4, 2, 1), (32, 8, 16, 3, 1, 1)])  # maps up to 20x20 (padded) take the matmul input grad
+def test_matmul_weight_gradient_equals_xla(size, features_in, features, kernel, stride, pad):
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size, features_in))
+
+  def grads(weight_grad):
+    conv = layers.Conv(features, kernel, stride=stride, pad=pad, spectral_norm=True, weight_grad=weight_grad)
+    variables = conv.init(jax.random.PRNGKey(1), x)
+    target = jax.random.normal(jax.random.PRNGKey(2), conv.apply(variables, x).shape)
+    loss = lambda p, x: jnp.sum(conv.apply({**variables, "params": p}, x) * target)
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(variables["params"], x)
+
+  (xla_params, xla_x), (mm_params, mm_x) = grads("xla"), grads("matmul")
+  # Sums in another order: equal to float32 rounding of the largest terms (1e-5 of each array's max).
+  for a, b in zip(jax.tree.leaves((mm_x, mm_params)), jax.tree.leaves((xla_x, xla_params))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
+
+
+def test_conv_weight_grad_auto_is_matmul_on_cpu_only_and_checked():
+  assert models_lib.conv_weight_grad_for("auto", "cpu") == "matmul"
+  assert models_lib.conv_weight_grad_for("auto", "gpu") == "xla"
+  assert models_lib.conv_weight_grad_for("xla", "cpu") == "xla"
+  config = test_config.get_config()
+  config.data.path = "."
+  config.model.conv_weight_grad = "fast"
+  with pytest.raises(config_lib.ConfigError, match="model.conv_weight_grad"):
+    config_lib.validate(config)
 
 
 def tiny_config(**train):
