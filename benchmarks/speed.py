@@ -191,7 +191,7 @@ def parse(argv=None):
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--remat", action="store_true", help="rematerialise the generators' residual blocks")
   p.add_argument("--conv_weight_grad", default="auto", choices=["auto", "xla", "matmul"],
-                 help="how conv kernel gradients are computed (auto: matmul on CPU, xla on GPU/TPU)")
+                 help="how conv gradients are computed (auto: matmul on CPU, xla on GPU/TPU)")
   p.add_argument("--steps_per_dispatch", type=int, default=1)
   p.add_argument("--devices", type=int, default=1, help="data-parallel devices (-1 = all)")
   p.add_argument("--steps", type=int, default=10, help="timed steps")
