@@ -1,15 +1,28 @@
 #!/usr/bin/env bash
 # Every row of the README's speed table for this machine, one process per row (peak memory is per
 # process), as JSON lines in $1 (default speed_table.jsonl). On CPU: 64x64 and 128x128 with the PyTorch
-# reference beside each row; on a GPU/TPU: 256x256.
+# reference beside each row; on a GPU/TPU: 256x256, the rows behind the targets first.
 #   bash benchmarks/speed_table.sh [out.jsonl]
+# Environment: SPEED_TABLE_BUDGET_S=N starts no row with less than SPEED_TABLE_MIN_ROW_S (default 60)
+# seconds of the N left and stops a row that runs past them (for a leased accelerator's time limit);
+# SPEED_TABLE_ROWS=accelerator takes the accelerator rows on any backend and SPEED_TABLE_ARGS is
+# appended to every row, e.g. to try the script on a CPU:
+#   SPEED_TABLE_ROWS=accelerator SPEED_TABLE_ARGS="--img_size=64 --ch=8 --n_res=1 --steps=2" \
+#     bash benchmarks/speed_table.sh /tmp/rows.jsonl
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-speed_table.jsonl}"
 : > "$out"
+deadline=$(( $(date +%s) + ${SPEED_TABLE_BUDGET_S:-1000000} ))
+extra=(${SPEED_TABLE_ARGS:-})
+row() {
+  local left=$(( deadline - $(date +%s) ))
+  if [ "$left" -lt "${SPEED_TABLE_MIN_ROW_S:-60}" ]; then echo "skipped, ${left}s left: $*" >&2; return 0; fi
+  echo "row ($(date +%T), ${left}s left): $*" >&2
+  timeout "$left" python -m benchmarks.speed --json "$@" "${extra[@]}" >> "$out" || echo "failed: $*" >&2
+}
 backend=$(python -c "import jax; print(jax.default_backend())")
-row() { python -m benchmarks.speed --json "$@" >> "$out" || echo "failed: $*" >&2; }
-if [ "$backend" = "cpu" ]; then
+if [ "$backend" = "cpu" ] && [ "${SPEED_TABLE_ROWS:-}" != "accelerator" ]; then
   for size in 64 128; do
     row --img_size=$size --batch=1 --steps=5 --torch
     row --img_size=$size --batch=1 --steps=5 --dtype=bfloat16
@@ -17,12 +30,16 @@ if [ "$backend" = "cpu" ]; then
     row --img_size=$size --batch=1 --steps=5 --full
   done
 else
-  for dtype in float32 bfloat16; do
-    row --img_size=256 --batch=1 --steps=50 --dtype=$dtype
-    row --img_size=256 --batch=1 --steps=50 --dtype=$dtype --steps_per_dispatch=10
-    row --img_size=256 --batch=8 --steps=20 --dtype=$dtype
-    row --img_size=256 --batch=1 --steps=20 --dtype=$dtype --full
-    row --img_size=256 --batch=8 --steps=20 --dtype=$dtype --remat
-  done
+  # The two targets (bfloat16 at batch 1: iterations/s; at batch 8: fraction of peak), then float32,
+  # then the options. Translation speed on the first two batch-1 rows only (it compiles two programs).
+  row --img_size=256 --batch=1 --steps=50 --dtype=bfloat16
+  row --img_size=256 --batch=8 --steps=20 --dtype=bfloat16 --no_translate
+  row --img_size=256 --batch=1 --steps=50 --dtype=float32
+  row --img_size=256 --batch=8 --steps=20 --dtype=float32 --no_translate
+  row --img_size=256 --batch=1 --steps=50 --dtype=bfloat16 --steps_per_dispatch=10 --no_translate
+  row --img_size=256 --batch=1 --steps=20 --dtype=bfloat16 --full --no_translate
+  row --img_size=256 --batch=1 --steps=20 --dtype=float32 --full --no_translate
+  row --img_size=256 --batch=8 --steps=20 --dtype=bfloat16 --remat --no_translate
+  row --img_size=256 --batch=1 --steps=50 --dtype=bfloat16 --steps_per_dispatch=10 --remat --no_translate
 fi
 cat "$out"

@@ -18,7 +18,6 @@ import queue
 import threading
 from typing import Iterator, Sequence
 
-import grain
 import numpy as np
 from PIL import Image
 
@@ -53,6 +52,7 @@ def test_transform(image: np.ndarray, *, img_size: int) -> np.ndarray:
 def domain_stream(source: Sequence, *, img_size: int, margin: int, flip: bool, seed: int
                   ) -> grain.MapDataset:
   """An endless, shuffled (a new order every epoch), augmented random-access stream of one domain."""
+  import grain  # here, not at the top: translation and the model need only the transforms above
   ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
   return ds.random_map(lambda img, rng: train_transform(img, rng, img_size=img_size, margin=margin,
                                                         flip=flip), seed=seed + 1)
@@ -83,6 +83,7 @@ def train_batches(sources: dict, data_config, *, img_size: int, global_batch_siz
   def batch(k):
     return {d: np.stack([stream[k * global_batch_size + r] for r in rows]) for d, stream in streams.items()}
 
+  import grain
   options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(2 * num_threads, 2))
   return iter(grain.MapDataset.range(start_step, 2**62).map(batch).to_iter_dataset(options))
 

@@ -176,10 +176,12 @@ def test_speed_benchmark_reports_every_field(capsys):
   args = speed.parse(argv)
   assert speed.main(argv) == 0
   result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-  for key in ("train_img_per_s", "step_s_median", "step_s_min", "compile_s", "peak_mem_bytes",
-              "flops_per_step", "translate_img_per_s"):
+  for key in ("train_img_per_s", "step_s_median", "step_s_min", "step_s_pipelined", "compile_s",
+              "peak_mem_bytes", "flops_per_step", "translate_img_per_s"):
     assert key in result, key
   assert result["train_img_per_s"] == pytest.approx(2 * args.batch / result["step_s_median"])
+  assert result["train_iter_per_s_pipelined"] == pytest.approx(1 / result["step_s_pipelined"])
+  assert 0 < result["step_s_min"] <= result["step_s_median"]
   assert result["flops_per_step"] > 1e8 and result["peak_mem_bytes"] > 1e8
   assert set(result["translate_img_per_s"]) == {"1", "32"}
   assert result["n_dis"] == 6 and result["light"] is True and result["backend"] == "cpu"
