@@ -16,6 +16,7 @@ Pass: judge >= 0.8, IoU >= 0.6, KIDx100 <= 3 — together, since each alone is e
   python -m benchmarks.horse2zebra_mini --workdir=runs/horse2zebra_mini
   python -m benchmarks.horse2zebra_mini --workdir=... --config.train.num_steps=4000   # train longer
   python -m benchmarks.horse2zebra_mini --workdir=... --eval_only                     # score as is
+  python -m benchmarks.horse2zebra_mini --workdir=... --eval_only --every_checkpoint  # and each kept one
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ flags.DEFINE_string("workdir", None, "run directory (trains or resumes there)", 
 flags.DEFINE_bool("eval_only", False, "score the newest checkpoint without training")
 flags.DEFINE_integer("num_test", 200, "test horses translated (and test zebras compared); <= 200")
 flags.DEFINE_integer("judge_steps", 1500, "training steps of the judge CNN")
+flags.DEFINE_bool("every_checkpoint", False, "also score every checkpoint the run kept (slower)")
 FLAGS = flags.FLAGS
 
 
@@ -193,9 +195,23 @@ def newest_step(workdir: pathlib.Path) -> int:
     return 0
 
 
+def kept_steps(workdir: pathlib.Path) -> list[int]:
+  root = workdir / "checkpoints"
+  return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "state").is_dir())
+
+
+def translate_horses(translator, horses_64: np.ndarray) -> np.ndarray:
+  return np.concatenate([inference.translate(translator, horses_64[i:i + 50], "A2B")
+                         for i in range(0, len(horses_64), 50)])
+
+
 def run_benchmark(config, workdir: pathlib.Path, *, eval_only: bool = False, num_test: int = 200,
-                  judge_steps: int = 1500) -> dict:
-  """Trains (unless eval_only), scores and writes benchmark.json and benchmark_grid.png."""
+                  judge_steps: int = 1500, every_checkpoint: bool = False) -> dict:
+  """Trains (unless eval_only), scores and writes benchmark.json and benchmark_grid.png.
+
+  every_checkpoint: also score each checkpoint the run kept (results["checkpoints"]), not only the
+  newest.
+  """
   if config.data.dataset != "animal_mnist/horse2zebra":
     raise ValueError(f"the benchmark needs config.data.dataset='animal_mnist/horse2zebra'; "
                      f"got {config.data.dataset!r}")
@@ -223,15 +239,20 @@ def run_benchmark(config, workdir: pathlib.Path, *, eval_only: bool = False, num
   horses, zebras = images[horse_idx].astype(np.float32), images[zebra_idx].astype(np.float32)
   sources = datasets.animal_mnist_sources("horse2zebra", cache_dir, config.model.img_size)
   horses_64 = np.stack([sources["testA"][i] for i in range(len(horse_idx))])
-  translated_64 = np.concatenate([inference.translate(translator, horses_64[i:i + 50], "A2B")
-                                  for i in range(0, len(horses_64), 50)])
-  translated = to_28(translated_64)
 
   inception.fetch_weights()  # a no-op once the converted weights are cached
   weights = inception.load_weights()
   zebra_features = features(weights, zebras)
   kid_vs_zebras = lambda x: kid_x100(zebra_features, features(weights, x))
   zebra_rate = lambda x: float(np.mean(judge_predict(judge, x) == ZEBRA))
+
+  def scores(translated_64: np.ndarray) -> dict:
+    translated = to_28(translated_64)
+    return {"judge_zebra_rate": zebra_rate(translated),
+            "mask_iou": float(mask_iou(horses, translated).mean()),
+            "kid_x100": kid_vs_zebras(translated)}
+
+  translated_64 = translate_horses(translator, horses_64)
   shifted = np.roll(horses, 2, axis=2)
   results = {
       "steps": steps,
@@ -240,9 +261,7 @@ def run_benchmark(config, workdir: pathlib.Path, *, eval_only: bool = False, num
                           if timing["train_wall_s"] else None),
       "num_test": len(horse_idx),
       "judge_heldout_accuracy": judge_accuracy,
-      "judge_zebra_rate": zebra_rate(translated),
-      "mask_iou": float(mask_iou(horses, translated).mean()),
-      "kid_x100": kid_vs_zebras(translated),
+      **scores(translated_64),
       "baselines": {
           "judge_zebra_rate_raw_horses": zebra_rate(horses),
           "judge_zebra_rate_real_zebras": zebra_rate(zebras),
@@ -257,6 +276,12 @@ def run_benchmark(config, workdir: pathlib.Path, *, eval_only: bool = False, num
   results["criteria"] = {k: f"{op} {bar}" for k, (op, bar) in CRITERIA.items()}
   results["pass"] = passes(results)
   results["passed"] = all(results["pass"].values())
+  if every_checkpoint:
+    results["checkpoints"] = []
+    for step in kept_steps(workdir):
+      checkpoint = workdir / "checkpoints" / str(step)
+      row = {"steps": step, **scores(translate_horses(inference.load_translator(checkpoint), horses_64))}
+      results["checkpoints"].append({**row, "passed": all(passes(row).values())})
   save_grid(horses_64, translated_64, workdir / "benchmark_grid.png")
   results["grid"] = str(workdir / "benchmark_grid.png")
   (workdir / "benchmark.json").write_text(json.dumps(results, indent=2))
@@ -266,7 +291,8 @@ def run_benchmark(config, workdir: pathlib.Path, *, eval_only: bool = False, num
 def main(argv):
   del argv
   results = run_benchmark(_CONFIG.value, pathlib.Path(FLAGS.workdir), eval_only=FLAGS.eval_only,
-                          num_test=FLAGS.num_test, judge_steps=FLAGS.judge_steps)
+                          num_test=FLAGS.num_test, judge_steps=FLAGS.judge_steps,
+                          every_checkpoint=FLAGS.every_checkpoint)
   b = results["baselines"]
   print(f"steps {results['steps']}  train wall {results['train_wall_s'] / 60:.1f} min  "
         f"({results['train_img_per_s'] or 0:.2f} img/s)\n"
@@ -278,6 +304,11 @@ def main(argv):
         f"train zebras 28->64->28 {b['kid_x100_train_zebras_64_roundtrip']:.3f})\n"
         f"pass: {results['passed']} {results['pass']}\n"
         f"{pathlib.Path(FLAGS.workdir) / 'benchmark.json'}, {results['grid']}")
+  if "checkpoints" in results:
+    print("every kept checkpoint:\n  steps  judge 'zebra'  mask IoU  KIDx100  pass")
+    for row in results["checkpoints"]:
+      print(f"  {row['steps']:5d}  {row['judge_zebra_rate']:13.3f}  {row['mask_iou']:8.3f}  "
+            f"{row['kid_x100']:7.3f}  {row['passed']}")
 
 
 if __name__ == "__main__":

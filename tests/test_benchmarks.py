@@ -8,6 +8,7 @@ import json
 import math
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from benchmarks import horse2zebra_mini as bench
@@ -30,7 +31,7 @@ def test_benchmark_smoke_run_reports_every_field(tmp_path):
   config = animal_horse2zebra.get_config()
   config.model.ch, config.model.n_res = 8, 1
   config.model.conv_weight_grad = "xla"  # compiles faster; see configs/test.py
-  config.train.num_steps, config.train.checkpoint_every_steps, config.train.sample_every_steps = 2, 2, 2
+  config.train.num_steps, config.train.checkpoint_every_steps, config.train.sample_every_steps = 2, 1, 2
   config.train.log_every_steps = 1
   results = bench.run_benchmark(config, tmp_path / "run", num_test=4, judge_steps=30)
   saved = json.loads((tmp_path / "run" / "benchmark.json").read_text())
@@ -46,6 +47,14 @@ def test_benchmark_smoke_run_reports_every_field(tmp_path):
   assert set(results["pass"]) == set(bench.CRITERIA) and isinstance(results["passed"], bool)
   grid = Image.open(results["grid"])
   assert grid.size == (2 * 4 * 64, 2 * 2 * 64)
-  # Scoring again without training reuses the run and its recorded wall time.
-  again = bench.run_benchmark(config, tmp_path / "run", eval_only=True, num_test=4, judge_steps=30)
+  assert "checkpoints" not in results
+  # Scoring again without training reuses the run and its recorded wall time; every_checkpoint also
+  # scores each kept checkpoint, the newest one exactly as the main result.
+  again = bench.run_benchmark(config, tmp_path / "run", eval_only=True, num_test=4, judge_steps=30,
+                              every_checkpoint=True)
   assert again["steps"] == 2 and again["train_wall_s"] == results["train_wall_s"]
+  assert [row["steps"] for row in again["checkpoints"]] == [1, 2]
+  for key in ("judge_zebra_rate", "mask_iou", "kid_x100"):
+    assert again["checkpoints"][-1][key] == pytest.approx(again[key], rel=1e-6, abs=1e-9), key
+    assert all(math.isfinite(row[key]) for row in again["checkpoints"]), key
+  assert all(isinstance(row["passed"], bool) for row in again["checkpoints"])
