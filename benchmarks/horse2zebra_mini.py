@@ -271,7 +271,8 @@ def run_benchmark(config, workdir: pathlib.Path, *, eval_only: bool = False, num
           "mask_iou_unrelated_zebra": float(mask_iou(horses, zebras[:len(horses)]).mean()),
           "mask_iou_horse_shifted_2px": float(mask_iou(horses, shifted).mean()),
       },
-      "config": {k: config.model[k] for k in ("img_size", "ch", "n_res", "n_dis", "light")},
+      # The scored checkpoint's own model settings (with --eval_only they need not match the flags').
+      "config": {k: translator.config.model[k] for k in ("img_size", "ch", "n_res", "n_dis", "light")},
   }
   results["criteria"] = {k: f"{op} {bar}" for k, (op, bar) in CRITERIA.items()}
   results["pass"] = passes(results)

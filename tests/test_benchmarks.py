@@ -37,6 +37,7 @@ def test_benchmark_smoke_run_reports_every_field(tmp_path):
   saved = json.loads((tmp_path / "run" / "benchmark.json").read_text())
   assert saved == json.loads(json.dumps(results))
   assert results["steps"] == 2 and results["num_test"] == 4
+  assert results["config"] == {"img_size": 64, "ch": 8, "n_res": 1, "n_dis": 6, "light": True}
   assert results["train_wall_s"] > 0 and results["train_img_per_s"] > 0
   for key in ("judge_heldout_accuracy", "judge_zebra_rate", "mask_iou"):
     assert 0.0 <= results[key] <= 1.0, key
