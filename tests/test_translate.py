@@ -178,3 +178,14 @@ def test_evaluate_mode_scores_both_directions(workdir):
   acc = ea.EventAccumulator(str(events), size_guidance={ea.TENSORS: 0})
   acc.Reload()
   assert {"eval/A2B/fid", "eval/B2A/kid_x100"} <= set(acc.Tags()["tensors"])
+
+
+def test_the_library_imports_without_the_training_input_pipeline_packages():
+  # grain builds the training batches only; translation (e.g. on an accelerator image without it) and
+  # the speed benchmark import the library without it.
+  code = ("import sys; sys.modules['grain'] = None\n"
+          "import nicegan_jax\n"
+          "from nicegan_jax import inference, input_pipeline, models, step, train_state\n"
+          "print('ok', nicegan_jax.translate.__name__)")
+  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0 and "ok translate" in result.stdout, result.stderr[-2000:]
