@@ -195,11 +195,6 @@ def newest_step(workdir: pathlib.Path) -> int:
     return 0
 
 
-def kept_steps(workdir: pathlib.Path) -> list[int]:
-  root = workdir / "checkpoints"
-  return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "state").is_dir())
-
-
 def translate_horses(translator, horses_64: np.ndarray) -> np.ndarray:
   return np.concatenate([inference.translate(translator, horses_64[i:i + 50], "A2B")
                          for i in range(0, len(horses_64), 50)])
@@ -279,9 +274,10 @@ def run_benchmark(config, workdir: pathlib.Path, *, eval_only: bool = False, num
   results["passed"] = all(results["pass"].values())
   if every_checkpoint:
     results["checkpoints"] = []
-    for step in kept_steps(workdir):
-      checkpoint = workdir / "checkpoints" / str(step)
-      row = {"steps": step, **scores(translate_horses(inference.load_translator(checkpoint), horses_64))}
+    root, kept = inference.checkpoint_steps(workdir)
+    for step in kept:  # the newest is the one scored above
+      row = {"steps": step, **({k: results[k] for k in CRITERIA} if step == steps else scores(
+          translate_horses(inference.load_translator(root / str(step)), horses_64)))}
       results["checkpoints"].append({**row, "passed": all(passes(row).values())})
   save_grid(horses_64, translated_64, workdir / "benchmark_grid.png")
   results["grid"] = str(workdir / "benchmark_grid.png")

@@ -38,16 +38,22 @@ class Translator(NamedTuple):
   generators: dict[str, Any]  # "A2B" -> gen2B's params, "B2A" -> gen2A's
 
 
+def checkpoint_steps(path: pathlib.Path) -> tuple[pathlib.Path, list[int]]:
+  """A workdir or its checkpoints/ folder -> (that checkpoints folder, its complete steps, ascending)."""
+  root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+  steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "state").is_dir()) \
+      if root.is_dir() else []
+  return root, steps
+
+
 def checkpoint_dir(path: pathlib.Path) -> pathlib.Path:
   """A workdir, its checkpoints/ folder or one checkpoint folder -> the checkpoint folder to read."""
   if (path / "state").is_dir():
     return path
-  root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-  steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "state").is_dir()),
-                 reverse=True) if root.is_dir() else []
+  root, steps = checkpoint_steps(path)
   if not steps:
     raise FileNotFoundError(f"no checkpoint under {path} (expected a workdir with checkpoints/<step>/)")
-  return root / str(steps[0])
+  return root / str(steps[-1])
 
 
 def load_translator(path: str | pathlib.Path) -> Translator:
