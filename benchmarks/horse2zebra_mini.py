@@ -22,6 +22,7 @@ Pass: judge >= 0.8, IoU >= 0.6, KIDx100 <= 3 — together, since each alone is e
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import time
 
@@ -114,7 +115,7 @@ def load_or_train_judge(images, labels, train_idx, test_idx, *, steps: int, cach
     logging.info("Training the judge CNN (%d steps) on %d images", steps, len(train_idx))
     params = train_judge(images[train_idx], labels[train_idx], steps=steps)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
     tmp.write_bytes(serialization.to_bytes(params))
     tmp.replace(path)
   accuracy = float(np.mean(judge_predict(params, images[test_idx]) == labels[test_idx]))

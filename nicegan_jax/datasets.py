@@ -208,9 +208,9 @@ def fetch_animal_mnist(cache_dir: pathlib.Path) -> tuple[np.ndarray, np.ndarray]
       load = lambda member: _NumpyUnpickler(io.BytesIO(gzip.decompress(z.read(member)))).load()
       images = load("animal_mnist/data/Animal_MNIST/animal_data_version_3.gz")
       labels = load("animal_mnist/data/Animal_MNIST/animal_label_version_3.gz")
-    np.savez_compressed(npz.with_suffix(".tmp.npz"), images=images.astype(np.uint8),
-                        labels=labels.astype(np.int64))
-    os.replace(npz.with_suffix(".tmp.npz"), npz)
+    tmp = npz.with_suffix(f".tmp-{os.getpid()}.npz")  # per process: two jobs may fetch at once
+    np.savez_compressed(tmp, images=images.astype(np.uint8), labels=labels.astype(np.int64))
+    os.replace(tmp, npz)
   with np.load(npz) as data:
     return data["images"], data["labels"]
 

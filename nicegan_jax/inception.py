@@ -164,7 +164,7 @@ def convert_weights_file(path: str | pathlib.Path) -> pathlib.Path:
   check_weights(weights, path)
   out = cache_path()
   out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.with_suffix(".tmp.npz")
+  tmp = out.with_suffix(f".tmp-{os.getpid()}.npz")  # per process: two jobs may fetch at once
   np.savez(tmp, **weights)
   os.replace(tmp, out)
   return out

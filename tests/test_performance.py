@@ -184,5 +184,6 @@ def test_speed_benchmark_reports_every_field(capsys):
   assert 0 < result["step_s_min"] <= result["step_s_median"]
   assert result["flops_per_step"] > 1e8 and result["peak_mem_bytes"] > 1e8
   assert set(result["translate_img_per_s"]) == {"1", "32"}
+  assert result["translate_img_per_s_one_call"] > 0
   assert result["n_dis"] == 6 and result["light"] is True and result["backend"] == "cpu"
   assert result["conv_weight_grad"] == "xla"

@@ -91,6 +91,24 @@ def test_contract_shapes_dtypes_single_and_batch(translator):
   assert translate_lib.translation_size(50, 70, 64, native=True) == (52, 72)
 
 
+def test_chunks_cover_the_batch_in_one_shape():
+  images = np.arange(11)[:, None, None, None] * np.ones((11, 2, 2, 3))
+  got = list(translate_lib.chunks(images, 4))
+  assert [c.shape[0] for c, _ in got] == [4, 4, 4] and [n for _, n in got] == [4, 4, 3]
+  np.testing.assert_array_equal(np.concatenate([c[:n] for c, n in got]), images)
+  assert (got[-1][0][3] == 10).all()  # padded with the last real image
+  assert [n for _, n in translate_lib.chunks(images, None)] == [11]
+  assert [n for _, n in translate_lib.chunks(images[:3], 4)] == [3]  # small batches stay whole
+  assert translate_lib.chunk_size("cpu") == 8 and translate_lib.chunk_size("gpu") is None
+
+
+def test_a_batch_larger_than_a_chunk_equals_image_by_image(translator):
+  images = np.random.default_rng(3).integers(0, 256, (10, 64, 64, 3), dtype=np.uint8)
+  batch = translate_lib.translate(translator, images)  # on this CPU: chunks of 8 and 2 (+6 padding)
+  one_by_one = np.stack([translate_lib.translate(translator, image) for image in images])
+  assert np.abs(batch.astype(int) - one_by_one.astype(int)).max() <= 1  # rounding to uint8 only
+
+
 @pytest.mark.parametrize("bad,message", [
     (np.zeros((8, 8)), "must be \\(H, W, 3\\)"),
     (np.zeros((1, 1, 8, 8, 3)), "must be \\(H, W, 3\\)"),
