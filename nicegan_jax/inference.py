@@ -118,8 +118,9 @@ def translation_size(height: int, width: int, img_size: int, native: bool) -> tu
 def chunk_size(backend: str) -> int | None:
   """Largest batch translated in one call: 8 on CPUs, unlimited elsewhere.
 
-  XLA:CPU's convolutions lose throughput on large batches (`benchmarks/speed.py`: at 64x64, 32 images
-  in one call translate at under half the rate of 8 at a time), accelerators gain from them.
+  XLA:CPU's convolutions lose throughput on large batches (`benchmarks/speed.py`: 32 images in one call
+  translate at two thirds the rate of 8 at a time at 64x64, at half the rate of one at a time at
+  128x128); accelerators gain from them.
   """
   return 8 if backend == "cpu" else None
 
