@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nicegan_jax import inception, metrics
+from nicegan_jax import inception, input_pipeline, metrics
 from nicegan_jax.datasets import read_rgb
 
 EVAL_EXTENSIONS = (".jpg", ".png")
@@ -56,15 +56,11 @@ def image_features(images: list[np.ndarray], weights, batch_size: int = 50) -> n
   by_size: dict[tuple, list[int]] = {}
   for i, img in enumerate(images):
     by_size.setdefault(img.shape, []).append(i)
-  for indices in by_size.values():
-    for start in range(0, len(indices), batch_size):
-      chunk = indices[start:start + batch_size]
+  for indices in by_size.values():  # one compiled shape per size
+    for chunk, n in input_pipeline.padded_chunks(np.asarray(indices), batch_size):
       batch = np.stack([images[i] for i in chunk])
-      pad = batch_size - len(chunk) if len(indices) > batch_size else 0  # one compiled shape per size
-      if pad:
-        batch = np.concatenate([batch, np.repeat(batch[-1:], pad, axis=0)])
       feats = np.asarray(_features_of_uint8(weights, jnp.asarray(batch)), np.float64)
-      for i, f in zip(chunk, feats):
+      for i, f in zip(chunk[:n], feats[:n]):
         out[i] = f
   return np.stack(out)
 

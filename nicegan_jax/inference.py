@@ -125,20 +125,6 @@ def chunk_size(backend: str) -> int | None:
   return 8 if backend == "cpu" else None
 
 
-def chunks(images: np.ndarray, size: int | None):
-  """(chunk, number of real images in it) over `images`, each chunk of `size` images, the last one
-  padded with copies of its last image so that every call has one shape (compiled once)."""
-  if size is None or len(images) <= size:
-    yield images, len(images)
-    return
-  for start in range(0, len(images), size):
-    chunk = images[start:start + size]
-    n = len(chunk)
-    if n < size:
-      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - n, axis=0)])
-    yield chunk, n
-
-
 @functools.partial(jax.jit, static_argnames=("models", "direction", "work_size"))
 def _translate_batch(encoder, generator, images, *, models, direction, work_size):
   """[-1, 1] float32 NHWC -> translated, resized to work_size and back to the input size."""
@@ -174,6 +160,7 @@ def translate(translator: Translator, images, direction: str = "A2B", *, native:
   run = lambda chunk: np.asarray(_translate_batch(
       translator.encoders[direction], translator.generators[direction], jnp.asarray(chunk),
       models=translator.models, direction=direction, work_size=size))
-  y = np.concatenate([run(chunk)[:n] for chunk, n in chunks(x, chunk_size(jax.default_backend()))])
+  y = np.concatenate([run(chunk)[:n] for chunk, n in input_pipeline.padded_chunks(
+      x, chunk_size(jax.default_backend()))])
   y = np.clip(np.round((y + 1.0) * 127.5), 0, 255).astype(np.uint8) if dtype == np.uint8 else y.astype(dtype)
   return y[0] if single else y

@@ -9,7 +9,8 @@ with a per-index random stream, and read by index from grain's random-access `Ma
 step k therefore only needs k; the data iterator position is the step stored in the checkpoint. The
 global batch does not depend on the number of processes: each process reads only its rows of it.
 
-Also owns `stacked` (k batches per dispatch) and `Prefetcher` (host-to-device copies ahead of the step).
+Also owns `stacked` (k batches per dispatch), `Prefetcher` (host-to-device copies ahead of the step) and
+`padded_chunks` (fixed-size chunks of a batch for inference, one compiled shape).
 """
 
 from __future__ import annotations
@@ -25,6 +26,21 @@ from PIL import Image
 def to_unit_range(image: np.ndarray) -> np.ndarray:
   """uint8 [0, 255] -> float32 [-1, 1] (ToTensor then Normalize(0.5, 0.5))."""
   return image.astype(np.float32) / 127.5 - 1.0
+
+
+def padded_chunks(items: np.ndarray, size: int | None) -> Iterator[tuple[np.ndarray, int]]:
+  """(chunk, number of real items in it) over `items`, each chunk of `size` items, the last one padded
+  with copies of its last item so that every call has one shape (compiled once). With `size` None, or
+  no more items than `size`, `items` come whole."""
+  if size is None or len(items) <= size:
+    yield items, len(items)
+    return
+  for start in range(0, len(items), size):
+    chunk = items[start:start + size]
+    n = len(chunk)
+    if n < size:
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - n, axis=0)])
+    yield chunk, n
 
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:

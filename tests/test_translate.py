@@ -12,7 +12,7 @@ from PIL import Image
 
 from configs import test as test_config
 from conftest import ROOT, SHARED_DATA
-from nicegan_jax import checkpoints, models, train_state
+from nicegan_jax import checkpoints, input_pipeline, models, train_state
 from nicegan_jax import inference as translate_lib
 
 
@@ -93,12 +93,12 @@ def test_contract_shapes_dtypes_single_and_batch(translator):
 
 def test_chunks_cover_the_batch_in_one_shape():
   images = np.arange(11)[:, None, None, None] * np.ones((11, 2, 2, 3))
-  got = list(translate_lib.chunks(images, 4))
+  got = list(input_pipeline.padded_chunks(images, 4))
   assert [c.shape[0] for c, _ in got] == [4, 4, 4] and [n for _, n in got] == [4, 4, 3]
   np.testing.assert_array_equal(np.concatenate([c[:n] for c, n in got]), images)
   assert (got[-1][0][3] == 10).all()  # padded with the last real image
-  assert [n for _, n in translate_lib.chunks(images, None)] == [11]
-  assert [n for _, n in translate_lib.chunks(images[:3], 4)] == [3]  # small batches stay whole
+  assert [n for _, n in input_pipeline.padded_chunks(images, None)] == [11]
+  assert [n for _, n in input_pipeline.padded_chunks(images[:3], 4)] == [3]  # small batches stay whole
   assert translate_lib.chunk_size("cpu") == 8 and translate_lib.chunk_size("gpu") is None
 
 
