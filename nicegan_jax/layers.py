@@ -5,8 +5,9 @@ spectral normalisation (power iteration by hand, so the CAM block can read the r
 AdaILN normalisations with softmax-parameterised mixing weights and unbiased variances, the AdaILN
 residual block and PixelShuffle with PyTorch's channel order; and a convolution whose backward pass
 computes gradients as one matmul per kernel tap (`weight_grad="matmul"`: the kernel's always, the
-input's on small maps), which XLA:CPU runs 1.3-26x faster than its own gradient convolutions at batch 1
-(same values up to float rounding).
+input's on small maps), which XLA:CPU runs 1.3-26x faster than its own gradient convolutions at batch 1,
+and whose narrow convs (fewer than 16 outputs) run one image at a time, because XLA:CPU's convolution
+with few outputs slows far more than linearly with the batch (same values up to float rounding).
 
 Layout is NHWC. Kernels are stored as (kh, kw, in, out) and dense weights as (in, out); the spectral-norm
 vectors keep PyTorch's layout (`u`: out, `v`: in*kh*kw flattened in (in, kh, kw) order) so that they port
@@ -35,6 +36,9 @@ MATMUL_WEIGHT_GRAD_MIN_FEATURES = 16
 # On small maps with many channels XLA:CPU's input-gradient convolution is slow too (250 ms for a 4x4 conv
 # 512 -> 1024 on a 6x6 map, against 9 ms as 16 matmuls); on large maps its own is as fast or faster.
 MATMUL_INPUT_GRAD_MAX_POSITIONS = 20 * 20
+# Those narrow convs also slow far more than linearly with the batch on XLA:CPU (the generator's 7x7 conv
+# 32 -> 3 at 64x64: 6.7 ms for one image, 101 ms for four, 27 ms as four single-image convs), so with
+# `weight_grad="matmul"` (the CPU setting) they run one image at a time.
 
 
 def _uniform(key, shape, bound: float, dtype=jnp.float32) -> jax.Array:
@@ -110,6 +114,14 @@ def conv_valid(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+def conv_per_image(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  """`conv_valid` as one convolution per image of the batch, concatenated (unrolled: XLA:CPU runs a
+  `lax.map` of them slower than the batched convolution)."""
+  if x.shape[0] == 1:
+    return conv_valid(x, kernel, stride)
+  return jnp.concatenate([conv_valid(x[i:i + 1], kernel, stride) for i in range(x.shape[0])])
+
+
 def conv_weight_grad(x: jax.Array, dy: jax.Array, kernel_size: int, stride: int) -> jax.Array:
   """The gradient of sum(conv_valid(x, W) * dy) w.r.t. W (kh, kw, in, out), one matmul per tap:
   dW[kh, kw] = sum over n, i, j of x[n, i*s + kh, j*s + kw, :]^T dy[n, i, j, :]."""
@@ -169,7 +181,8 @@ class Conv(nn.Module):
 
   Params: `kernel` (kh, kw, in, out), `bias` (out). With `spectral_norm` the kernel is PyTorch's
   `weight_orig` and the u/v vectors live in the `spectral` collection. `weight_grad` picks how the
-  backward pass computes the kernel's gradient (`WEIGHT_GRADS`); it changes no value beyond rounding.
+  backward pass computes the kernel's gradient (`WEIGHT_GRADS`; "matmul" also runs a narrow conv one
+  image at a time); it changes no value beyond rounding.
   """
   features: int
   kernel_size: int
@@ -191,9 +204,13 @@ class Conv(nn.Module):
       weight_mat = jnp.transpose(kernel, (3, 2, 0, 1)).reshape(self.features, -1)
       kernel = kernel / _apply_spectral_norm(self, weight_mat, update_stats)
     x = reflect_pad(x, self.pad)
-    by_matmul = self.weight_grad == "matmul" and self.features >= MATMUL_WEIGHT_GRAD_MIN_FEATURES
-    y = (conv_matmul_weight_grad if by_matmul else conv_valid)(
-        x.astype(self.dtype), kernel.astype(self.dtype), self.stride)
+    if self.weight_grad != "matmul":
+      conv = conv_valid
+    elif self.features >= MATMUL_WEIGHT_GRAD_MIN_FEATURES:
+      conv = conv_matmul_weight_grad
+    else:
+      conv = conv_per_image
+    y = conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride)
     if self.use_bias:
       bias = self.param("bias", torch_bias_init(fan_in), (self.features,))
       y = y + bias.astype(self.dtype)

@@ -35,7 +35,8 @@ def test_remat_changes_neither_outputs_nor_gradients():
 
 @pytest.mark.parametrize("size,features_in,features,kernel,stride,pad", [
     (16, 8, 16, 3, 1, 1), (33, 3, 16, 4, 2, 1), (16, 16, 32, 4, 1, 1), (8, 16, 16, 1, 1, 0),
-    (7, 16, 32, 4, 2, 1), (32, 8, 16, 3, 1, 1)])  # maps up to 20x20 (padded) take the matmul input grad
+    (7, 16, 32, 4, 2, 1), (32, 8, 16, 3, 1, 1),  # maps up to 20x20 (padded) take the matmul input grad
+    (12, 16, 3, 7, 1, 3), (9, 16, 1, 4, 1, 1)])  # narrow convs: one image at a time
 def test_matmul_weight_gradient_equals_xla(size, features_in, features, kernel, stride, pad):
   x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size, features_in))
 
@@ -44,9 +45,10 @@ def test_matmul_weight_gradient_equals_xla(size, features_in, features, kernel, 
     variables = conv.init(jax.random.PRNGKey(1), x)
     target = jax.random.normal(jax.random.PRNGKey(2), conv.apply(variables, x).shape)
     loss = lambda p, x: jnp.sum(conv.apply({**variables, "params": p}, x) * target)
-    return jax.jit(jax.grad(loss, argnums=(0, 1)))(variables["params"], x)
+    return jax.jit(conv.apply)(variables, x), jax.jit(jax.grad(loss, argnums=(0, 1)))(variables["params"], x)
 
-  (xla_params, xla_x), (mm_params, mm_x) = grads("xla"), grads("matmul")
+  (xla_y, (xla_params, xla_x)), (mm_y, (mm_params, mm_x)) = grads("xla"), grads("matmul")
+  np.testing.assert_allclose(mm_y, xla_y, rtol=1e-5, atol=1e-5 * float(np.abs(xla_y).max()))
   # Sums in another order: equal to float32 rounding of the largest terms (1e-5 of each array's max).
   for a, b in zip(jax.tree.leaves((mm_x, mm_params)), jax.tree.leaves((xla_x, xla_params))):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
