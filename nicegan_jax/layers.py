@@ -36,9 +36,10 @@ MATMUL_WEIGHT_GRAD_MIN_FEATURES = 16
 # On small maps with many channels XLA:CPU's input-gradient convolution is slow too (250 ms for a 4x4 conv
 # 512 -> 1024 on a 6x6 map, against 9 ms as 16 matmuls); on large maps its own is as fast or faster.
 MATMUL_INPUT_GRAD_MAX_POSITIONS = 20 * 20
-# Those narrow convs also slow far more than linearly with the batch on XLA:CPU (the generator's 7x7 conv
-# 32 -> 3 at 64x64: 6.7 ms for one image, 101 ms for four, 27 ms as four single-image convs), so with
-# `weight_grad="matmul"` (the CPU setting) they run one image at a time.
+# Narrow convs (under MATMUL_WEIGHT_GRAD_MIN_FEATURES outputs) also slow far more than linearly with the
+# batch on XLA:CPU (the generator's 7x7 conv 32 -> 3 at 64x64: 6.7 ms for one image, 101 ms for four,
+# 27 ms as four single-image convs), so with `weight_grad="matmul"` (the CPU setting) they run one image
+# at a time.
 
 
 def _uniform(key, shape, bound: float, dtype=jnp.float32) -> jax.Array:
