@@ -118,8 +118,6 @@ def conv_valid(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
 def conv_per_image(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
   """`conv_valid` as one convolution per image of the batch, concatenated (unrolled: XLA:CPU runs a
   `lax.map` of them slower than the batched convolution)."""
-  if x.shape[0] == 1:
-    return conv_valid(x, kernel, stride)
   return jnp.concatenate([conv_valid(x[i:i + 1], kernel, stride) for i in range(x.shape[0])])
 
 
