@@ -5,7 +5,8 @@ workdir, translate the 200 held-out test horses, bring the translations back to 
 antialiasing, which undoes the loader's 28 -> 64 upsampling almost exactly) and report
 
   * judge_zebra_rate: how often a 10-class CNN (trained here, in JAX, on the Animal-MNIST train split,
-    which holds none of the test horses; cached) calls G(horse) "zebra";
+    which holds none of the test horses; cached) calls G(horse) "zebra" (and judge_classes: how
+    often it calls them each class);
   * mask_iou: mean IoU of blurred foreground masks (Gaussian sigma 1, threshold 24/255) between each
     horse and its translation — a generator that ignores its input fails it;
   * kid_x100: Inception KIDx100 of G(test horses) against the real test zebras (built-in evaluation);
@@ -120,6 +121,13 @@ def load_or_train_judge(images, labels, train_idx, test_idx, *, steps: int, cach
     tmp.replace(path)
   accuracy = float(np.mean(judge_predict(params, images[test_idx]) == labels[test_idx]))
   return params, accuracy
+
+
+def class_shares(predictions: np.ndarray) -> dict[str, float]:
+  """{class name: share of the predictions} for the classes predicted at least once, most common first."""
+  counts = np.bincount(predictions, minlength=len(datasets.ANIMAL_MNIST_CLASSES))
+  order = np.argsort(-counts, kind="stable")
+  return {datasets.ANIMAL_MNIST_CLASSES[c]: float(counts[c] / len(predictions)) for c in order if counts[c]}
 
 
 # ------------------------------------------------------------------------------------------ measures
@@ -252,7 +260,8 @@ def run_benchmark(config, workdir: pathlib.Path, *, eval_only: bool = False, num
   results = {
       "steps": steps,
       **timing,
-      "train_img_per_s": (2 * config.train.batch_size * timing["steps_timed"] / timing["train_wall_s"]
+      # The run's own batch size, from its checkpoint (with --eval_only the flags' need not match).
+      "train_img_per_s": (2 * translator.config.train.batch_size * timing["steps_timed"] / timing["train_wall_s"]
                           if timing["train_wall_s"] else None),
       "num_test": len(horse_idx),
       "judge_heldout_accuracy": judge_accuracy,
@@ -269,6 +278,7 @@ def run_benchmark(config, workdir: pathlib.Path, *, eval_only: bool = False, num
       # The scored checkpoint's own model settings (with --eval_only they need not match the flags').
       "config": {k: translator.config.model[k] for k in ("img_size", "ch", "n_res", "n_dis", "light")},
   }
+  results["judge_classes"] = class_shares(judge_predict(judge, to_28(translated_64)))
   results["criteria"] = {k: f"{op} {bar}" for k, (op, bar) in CRITERIA.items()}
   results["pass"] = passes(results)
   results["passed"] = all(results["pass"].values())
@@ -295,6 +305,7 @@ def main(argv):
         f"({results['train_img_per_s'] or 0:.2f} img/s)\n"
         f"judge held-out accuracy {results['judge_heldout_accuracy']:.3f}\n"
         f"judge 'zebra' rate  {results['judge_zebra_rate']:.3f}  (raw horses {b['judge_zebra_rate_raw_horses']:.3f})\n"
+        f"judge's classes     " + ", ".join(f"{k} {v:.3f}" for k, v in results["judge_classes"].items()) + "\n"
         f"mask IoU            {results['mask_iou']:.3f}  (unrelated zebra {b['mask_iou_unrelated_zebra']:.3f}, "
         f"shifted 2 px {b['mask_iou_horse_shifted_2px']:.3f})\n"
         f"KIDx100 vs zebras   {results['kid_x100']:.3f}  (raw horses {b['kid_x100_raw_horses']:.3f}, "

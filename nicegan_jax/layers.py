@@ -6,8 +6,10 @@ AdaILN normalisations with softmax-parameterised mixing weights and unbiased var
 residual block and PixelShuffle with PyTorch's channel order; and a convolution whose backward pass
 computes gradients as one matmul per kernel tap (`weight_grad="matmul"`: the kernel's always, the
 input's on small maps), which XLA:CPU runs 1.3-26x faster than its own gradient convolutions at batch 1,
-and whose narrow convs (fewer than 16 outputs) run one image at a time, because XLA:CPU's convolution
-with few outputs slows far more than linearly with the batch (same values up to float rounding).
+whose forward pass on small maps from 256+ channels is a sum of one matmul per tap too (faster on
+XLA:CPU), and whose narrow convs (fewer than 16 outputs) run one image at a time,
+because XLA:CPU's convolution with few outputs slows far more than linearly with the batch (same values
+up to float rounding).
 
 Layout is NHWC. Kernels are stored as (kh, kw, in, out) and dense weights as (in, out); the spectral-norm
 vectors keep PyTorch's layout (`u`: out, `v`: in*kh*kw flattened in (in, kh, kw) order) so that they port
@@ -36,6 +38,12 @@ MATMUL_WEIGHT_GRAD_MIN_FEATURES = 16
 # On small maps with many channels XLA:CPU's input-gradient convolution is slow too (250 ms for a 4x4 conv
 # 512 -> 1024 on a 6x6 map, against 9 ms as 16 matmuls); on large maps its own is as fast or faster.
 MATMUL_INPUT_GRAD_MAX_POSITIONS = 20 * 20
+# XLA:CPU's forward convolution from 256 or more input channels on maps of at most 32x32 outputs is slower
+# than a sum of one matmul per kernel tap (a 3x3 conv 256 -> 256 at 16x16: 4.6 ms against 3.4 ms for
+# one image, 28 ms against 22 ms for eight). With fewer inputs the whole train step got slower although
+# single convs from 32-128 channels were faster at batch 4-8; on larger maps XLA's own is faster.
+TAPS_FORWARD_MIN_IN_FEATURES = 256
+TAPS_FORWARD_MAX_POSITIONS = 32 * 32
 # Narrow convs (under MATMUL_WEIGHT_GRAD_MIN_FEATURES outputs) also slow far more than linearly with the
 # batch on XLA:CPU (the generator's 7x7 conv 32 -> 3 at 64x64: 6.7 ms for one image, 101 ms for four,
 # 27 ms as four single-image convs), so with `weight_grad="matmul"` (the CPU setting) they run one image
@@ -121,16 +129,46 @@ def conv_per_image(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
   return jnp.concatenate([conv_valid(x[i:i + 1], kernel, stride) for i in range(x.shape[0])])
 
 
+def _tap_window(x: jax.Array, kh: int, kw: int, out_hw: tuple[int, int], stride: int) -> jax.Array:
+  """The input pixels that kernel tap (kh, kw) meets: x[:, i*s + kh, j*s + kw, :] for each output (i, j)."""
+  n, _, _, c = x.shape
+  return jax.lax.slice(x, (0, kh, kw, 0),
+                       (n, kh + (out_hw[0] - 1) * stride + 1, kw + (out_hw[1] - 1) * stride + 1, c),
+                       (1, stride, stride, 1))
+
+
+def conv_taps(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  """`conv_valid` as a sum of one matmul per kernel tap: y = sum over kh, kw of window(kh, kw) W[kh, kw]."""
+  k = kernel.shape[0]
+  out_hw = ((x.shape[1] - k) // stride + 1, (x.shape[2] - k) // stride + 1)
+  y = None
+  for kh in range(k):
+    for kw in range(k):
+      tap = jnp.einsum("nhwi,io->nhwo", _tap_window(x, kh, kw, out_hw, stride), kernel[kh, kw],
+                       preferred_element_type=jnp.float32)
+      y = tap if y is None else y + tap
+  return y.astype(jnp.result_type(x, kernel))
+
+
+def _uses_taps_forward(x: jax.Array, kernel: jax.Array) -> bool:
+  """Whether the "matmul" setting runs this conv forward as `conv_taps` (see TAPS_FORWARD_*)."""
+  k, in_features = kernel.shape[0], kernel.shape[2]
+  positions = (x.shape[1] - k + 1) * (x.shape[2] - k + 1)
+  return in_features >= TAPS_FORWARD_MIN_IN_FEATURES and positions <= TAPS_FORWARD_MAX_POSITIONS
+
+
+def conv_forward(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  """The "matmul" setting's forward convolution: `conv_taps` where it is faster on XLA:CPU, else XLA's."""
+  return conv_taps(x, kernel, stride) if _uses_taps_forward(x, kernel) else conv_valid(x, kernel, stride)
+
+
 def conv_weight_grad(x: jax.Array, dy: jax.Array, kernel_size: int, stride: int) -> jax.Array:
   """The gradient of sum(conv_valid(x, W) * dy) w.r.t. W (kh, kw, in, out), one matmul per tap:
   dW[kh, kw] = sum over n, i, j of x[n, i*s + kh, j*s + kw, :]^T dy[n, i, j, :]."""
-  n, out_h, out_w, _ = dy.shape
   taps = []
   for kh in range(kernel_size):
     for kw in range(kernel_size):
-      window = jax.lax.slice(x, (0, kh, kw, 0),
-                             (n, kh + (out_h - 1) * stride + 1, kw + (out_w - 1) * stride + 1, x.shape[3]),
-                             (1, stride, stride, 1))
+      window = _tap_window(x, kh, kw, dy.shape[1:3], stride)
       taps.append(jnp.einsum("nhwi,nhwo->io", window, dy, preferred_element_type=jnp.float32))
   return jnp.stack(taps).reshape(kernel_size, kernel_size, x.shape[3], dy.shape[3])
 
@@ -155,12 +193,12 @@ def conv_input_grad(dy: jax.Array, kernel: jax.Array, stride: int, input_hw: tup
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def conv_matmul_weight_grad(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-  """`conv_valid` whose backward pass computes the kernel's gradient with `conv_weight_grad`."""
-  return conv_valid(x, kernel, stride)
+  """`conv_forward` whose backward pass computes the kernel's gradient with `conv_weight_grad`."""
+  return conv_forward(x, kernel, stride)
 
 
 def _conv_matmul_fwd(x, kernel, stride):
-  return conv_valid(x, kernel, stride), (x, kernel)
+  return conv_forward(x, kernel, stride), (x, kernel)
 
 
 def _conv_matmul_bwd(stride, residuals, dy):
@@ -180,8 +218,8 @@ class Conv(nn.Module):
 
   Params: `kernel` (kh, kw, in, out), `bias` (out). With `spectral_norm` the kernel is PyTorch's
   `weight_orig` and the u/v vectors live in the `spectral` collection. `weight_grad` picks how the
-  backward pass computes the kernel's gradient (`WEIGHT_GRADS`; "matmul" also runs a narrow conv one
-  image at a time); it changes no value beyond rounding.
+  backward pass computes the kernel's gradient (`WEIGHT_GRADS`; "matmul" also runs some forward passes
+  as tap matmuls and a narrow conv one image at a time); it changes no value beyond rounding.
   """
   features: int
   kernel_size: int

@@ -27,6 +27,12 @@ def test_mask_iou_and_blur_behave():
   assert blurred[0, 14, 14] == 200 and 0 < blurred[0, 6, 14] < 24  # flat inside, a soft edge outside
 
 
+def test_class_shares_names_each_predicted_class_most_common_first():
+  zebra, horse = bench.ZEBRA, bench.HORSE
+  shares = bench.class_shares(np.array([zebra, horse, zebra, zebra]))
+  assert list(shares) == ["zebra", "horse"] and shares == {"zebra": 0.75, "horse": 0.25}
+
+
 def test_benchmark_smoke_run_reports_every_field(tmp_path):
   config = animal_horse2zebra.get_config()
   config.model.ch, config.model.n_res = 8, 1
@@ -46,14 +52,20 @@ def test_benchmark_smoke_run_reports_every_field(tmp_path):
               "kid_x100_train_zebras_64_roundtrip", "mask_iou_unrelated_zebra", "mask_iou_horse_shifted_2px"):
     assert math.isfinite(results["baselines"][key]), key
   assert set(results["pass"]) == set(bench.CRITERIA) and isinstance(results["passed"], bool)
+  assert sum(results["judge_classes"].values()) == pytest.approx(1.0)
+  assert results["judge_classes"].get("zebra", 0.0) == pytest.approx(results["judge_zebra_rate"])
   grid = Image.open(results["grid"])
   assert grid.size == (2 * 4 * 64, 2 * 2 * 64)
   assert "checkpoints" not in results
   # Scoring again without training reuses the run and its recorded wall time; every_checkpoint also
   # scores each kept checkpoint, the newest one exactly as the main result.
-  again = bench.run_benchmark(config, tmp_path / "run", eval_only=True, num_test=4, judge_steps=30,
+  # The scored run's batch size counts, not the flags' (here a different one).
+  eval_config = config.copy_and_resolve_references()
+  eval_config.train.batch_size = 3
+  again = bench.run_benchmark(eval_config, tmp_path / "run", eval_only=True, num_test=4, judge_steps=30,
                               every_checkpoint=True)
   assert again["steps"] == 2 and again["train_wall_s"] == results["train_wall_s"]
+  assert again["train_img_per_s"] == pytest.approx(results["train_img_per_s"])
   assert [row["steps"] for row in again["checkpoints"]] == [1, 2]
   for key in ("judge_zebra_rate", "mask_iou", "kid_x100"):
     assert again["checkpoints"][-1][key] == pytest.approx(again[key], rel=1e-6, abs=1e-9), key

@@ -36,7 +36,8 @@ def test_remat_changes_neither_outputs_nor_gradients():
 @pytest.mark.parametrize("size,features_in,features,kernel,stride,pad", [
     (16, 8, 16, 3, 1, 1), (33, 3, 16, 4, 2, 1), (16, 16, 32, 4, 1, 1), (8, 16, 16, 1, 1, 0),
     (7, 16, 32, 4, 2, 1), (32, 8, 16, 3, 1, 1),  # maps up to 20x20 (padded) take the matmul input grad
-    (12, 16, 3, 7, 1, 3), (9, 16, 1, 4, 1, 1)])  # narrow convs: one image at a time
+    (12, 16, 3, 7, 1, 3), (9, 16, 1, 4, 1, 1),  # narrow convs: one image at a time
+    (6, 256, 16, 3, 1, 1), (8, 256, 32, 4, 2, 1)])  # 256 inputs: the forward as tap matmuls too
 def test_matmul_weight_gradient_equals_xla(size, features_in, features, kernel, stride, pad):
   x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size, features_in))
 
@@ -52,6 +53,15 @@ def test_matmul_weight_gradient_equals_xla(size, features_in, features, kernel, 
   # Sums in another order: equal to float32 rounding of the largest terms (1e-5 of each array's max).
   for a, b in zip(jax.tree.leaves((mm_x, mm_params)), jax.tree.leaves((xla_x, xla_params))):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
+
+
+@pytest.mark.parametrize("batch,size,features_in,kernel,expected", [
+    (1, 18, 256, 3, True), (8, 18, 512, 4, True), (2, 34, 256, 3, True), (1, 18, 128, 3, False),
+    (8, 18, 128, 3, False), (1, 66, 256, 3, False)])
+def test_taps_forward_where_xla_cpu_is_slower(batch, size, features_in, kernel, expected):
+  # From 256+ channels onto maps of at most 32x32 outputs, whatever the batch.
+  x = jnp.zeros((batch, size, size, features_in))
+  assert layers._uses_taps_forward(x, jnp.zeros((kernel, kernel, features_in, 64))) == expected
 
 
 def test_conv_weight_grad_auto_is_matmul_on_cpu_only_and_checked():
