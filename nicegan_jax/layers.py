@@ -150,16 +150,18 @@ def conv_taps(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
   return y.astype(jnp.result_type(x, kernel))
 
 
-def _uses_taps_forward(x: jax.Array, kernel: jax.Array) -> bool:
+def _uses_taps_forward(x: jax.Array, kernel: jax.Array, stride: int) -> bool:
   """Whether the "matmul" setting runs this conv forward as `conv_taps` (see TAPS_FORWARD_*)."""
   k, in_features = kernel.shape[0], kernel.shape[2]
-  positions = (x.shape[1] - k + 1) * (x.shape[2] - k + 1)
+  positions = ((x.shape[1] - k) // stride + 1) * ((x.shape[2] - k) // stride + 1)
   return in_features >= TAPS_FORWARD_MIN_IN_FEATURES and positions <= TAPS_FORWARD_MAX_POSITIONS
 
 
 def conv_forward(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
   """The "matmul" setting's forward convolution: `conv_taps` where it is faster on XLA:CPU, else XLA's."""
-  return conv_taps(x, kernel, stride) if _uses_taps_forward(x, kernel) else conv_valid(x, kernel, stride)
+  if _uses_taps_forward(x, kernel, stride):
+    return conv_taps(x, kernel, stride)
+  return conv_valid(x, kernel, stride)
 
 
 def conv_weight_grad(x: jax.Array, dy: jax.Array, kernel_size: int, stride: int) -> jax.Array:

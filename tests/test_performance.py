@@ -55,13 +55,13 @@ def test_matmul_weight_gradient_equals_xla(size, features_in, features, kernel, 
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
 
 
-@pytest.mark.parametrize("batch,size,features_in,kernel,expected", [
-    (1, 18, 256, 3, True), (8, 18, 512, 4, True), (2, 34, 256, 3, True), (1, 18, 128, 3, False),
-    (8, 18, 128, 3, False), (1, 66, 256, 3, False)])
-def test_taps_forward_where_xla_cpu_is_slower(batch, size, features_in, kernel, expected):
-  # From 256+ channels onto maps of at most 32x32 outputs, whatever the batch.
+@pytest.mark.parametrize("batch,size,features_in,kernel,stride,expected", [
+    (1, 18, 256, 3, 1, True), (8, 18, 512, 4, 1, True), (2, 34, 256, 3, 1, True), (1, 18, 128, 3, 1, False),
+    (8, 18, 128, 3, 1, False), (1, 66, 256, 3, 1, False), (1, 66, 256, 4, 2, True)])
+def test_taps_forward_where_xla_cpu_is_slower(batch, size, features_in, kernel, stride, expected):
+  # From 256+ channels onto maps of at most 32x32 outputs (66 -> 32 at stride 2), whatever the batch.
   x = jnp.zeros((batch, size, size, features_in))
-  assert layers._uses_taps_forward(x, jnp.zeros((kernel, kernel, features_in, 64))) == expected
+  assert layers._uses_taps_forward(x, jnp.zeros((kernel, kernel, features_in, 64)), stride) == expected
 
 
 def test_conv_weight_grad_auto_is_matmul_on_cpu_only_and_checked():
