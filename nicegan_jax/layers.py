@@ -129,6 +129,11 @@ def conv_per_image(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
   return jnp.concatenate([conv_valid(x[i:i + 1], kernel, stride) for i in range(x.shape[0])])
 
 
+def _conv_output_hw(x: jax.Array, kernel_size: int, stride: int) -> tuple[int, int]:
+  """Output height and width of an unpadded convolution of the NHWC batch `x`."""
+  return (x.shape[1] - kernel_size) // stride + 1, (x.shape[2] - kernel_size) // stride + 1
+
+
 def _tap_window(x: jax.Array, kh: int, kw: int, out_hw: tuple[int, int], stride: int) -> jax.Array:
   """The input pixels that kernel tap (kh, kw) meets: x[:, i*s + kh, j*s + kw, :] for each output (i, j)."""
   n, _, _, c = x.shape
@@ -140,7 +145,7 @@ def _tap_window(x: jax.Array, kh: int, kw: int, out_hw: tuple[int, int], stride:
 def conv_taps(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
   """`conv_valid` as a sum of one matmul per kernel tap: y = sum over kh, kw of window(kh, kw) W[kh, kw]."""
   k = kernel.shape[0]
-  out_hw = ((x.shape[1] - k) // stride + 1, (x.shape[2] - k) // stride + 1)
+  out_hw = _conv_output_hw(x, k, stride)
   y = None
   for kh in range(k):
     for kw in range(k):
@@ -152,9 +157,8 @@ def conv_taps(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
 
 def _uses_taps_forward(x: jax.Array, kernel: jax.Array, stride: int) -> bool:
   """Whether the "matmul" setting runs this conv forward as `conv_taps` (see TAPS_FORWARD_*)."""
-  k, in_features = kernel.shape[0], kernel.shape[2]
-  positions = ((x.shape[1] - k) // stride + 1) * ((x.shape[2] - k) // stride + 1)
-  return in_features >= TAPS_FORWARD_MIN_IN_FEATURES and positions <= TAPS_FORWARD_MAX_POSITIONS
+  out_h, out_w = _conv_output_hw(x, kernel.shape[0], stride)
+  return kernel.shape[2] >= TAPS_FORWARD_MIN_IN_FEATURES and out_h * out_w <= TAPS_FORWARD_MAX_POSITIONS
 
 
 def conv_forward(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
