@@ -251,7 +251,9 @@ def run_benchmark(config, workdir: pathlib.Path, *, eval_only: bool = False, num
 
   def scores(translated_64: np.ndarray) -> dict:
     translated = to_28(translated_64)
-    return {"judge_zebra_rate": zebra_rate(translated),
+    predicted = judge_predict(judge, translated)
+    return {"judge_zebra_rate": float(np.mean(predicted == ZEBRA)),
+            "judge_classes": class_shares(predicted),
             "mask_iou": float(mask_iou(horses, translated).mean()),
             "kid_x100": kid_vs_zebras(translated)}
 
@@ -278,7 +280,6 @@ def run_benchmark(config, workdir: pathlib.Path, *, eval_only: bool = False, num
       # The scored checkpoint's own model settings (with --eval_only they need not match the flags').
       "config": {k: translator.config.model[k] for k in ("img_size", "ch", "n_res", "n_dis", "light")},
   }
-  results["judge_classes"] = class_shares(judge_predict(judge, to_28(translated_64)))
   results["criteria"] = {k: f"{op} {bar}" for k, (op, bar) in CRITERIA.items()}
   results["pass"] = passes(results)
   results["passed"] = all(results["pass"].values())
@@ -286,8 +287,9 @@ def run_benchmark(config, workdir: pathlib.Path, *, eval_only: bool = False, num
     results["checkpoints"] = []
     root, kept = inference.checkpoint_steps(workdir)
     for step in kept:  # the newest is the one scored above
-      row = {"steps": step, **({k: results[k] for k in CRITERIA} if step == steps else scores(
-          translate_horses(inference.load_translator(root / str(step)), horses_64)))}
+      scored = results if step == steps else scores(
+          translate_horses(inference.load_translator(root / str(step)), horses_64))
+      row = {"steps": step, **{k: scored[k] for k in CRITERIA}}
       results["checkpoints"].append({**row, "passed": all(passes(row).values())})
   save_grid(horses_64, translated_64, workdir / "benchmark_grid.png")
   results["grid"] = str(workdir / "benchmark_grid.png")
