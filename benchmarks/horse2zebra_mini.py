@@ -160,6 +160,28 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
 
 
+def foreground_box(image: np.ndarray) -> tuple[int, int, int, int]:
+  """(top, bottom, left, right), end-exclusive, of a (28, 28) image's pixels above the mask threshold."""
+  rows, cols = np.nonzero(image > MASK_THRESHOLD)
+  if not len(rows):
+    return 0, image.shape[0], 0, image.shape[1]
+  return rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+
+
+def drawn_in_box(zebra: np.ndarray, horse: np.ndarray) -> np.ndarray:
+  """The zebra's foreground box resized (bilinear) onto the horse's box, on an empty (28, 28) image.
+
+  A reference translation: a real zebra where the horse stands, at the horse's size, in neither's exact
+  silhouette. It shows what the criteria ask of a translation's shape (README).
+  """
+  top, bottom, left, right = foreground_box(horse)
+  z_top, z_bottom, z_left, z_right = foreground_box(zebra)
+  crop = Image.fromarray(np.clip(zebra[z_top:z_bottom, z_left:z_right], 0, 255).astype(np.uint8))
+  out = np.zeros(horse.shape, np.float32)
+  out[top:bottom, left:right] = np.asarray(crop.resize((right - left, bottom - top), Image.BILINEAR))
+  return out
+
+
 def grey_to_rgb(images: np.ndarray) -> np.ndarray:
   return np.repeat(np.clip(np.round(images), 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
 
@@ -249,16 +271,19 @@ def run_benchmark(config, workdir: pathlib.Path, *, eval_only: bool = False, num
   kid_vs_zebras = lambda x: kid_x100(zebra_features, features(weights, x))
   zebra_rate = lambda x: float(np.mean(judge_predict(judge, x) == ZEBRA))
 
-  def scores(translated_64: np.ndarray) -> dict:
-    translated = to_28(translated_64)
+  def scores_28(translated: np.ndarray) -> dict:
     predicted = judge_predict(judge, translated)
     return {"judge_zebra_rate": float(np.mean(predicted == ZEBRA)),
             "judge_classes": class_shares(predicted),
             "mask_iou": float(mask_iou(horses, translated).mean()),
             "kid_x100": kid_vs_zebras(translated)}
 
+  scores = lambda translated_64: scores_28(to_28(translated_64))
+
   translated_64 = translate_horses(translator, horses_64)
   shifted = np.roll(horses, 2, axis=2)
+  train_zebras = images[splits[ZEBRA][0][:len(horses)]].astype(np.float32)
+  zebras_in_horse_boxes = scores_28(np.stack([drawn_in_box(z, h) for z, h in zip(train_zebras, horses)]))
   results = {
       "steps": steps,
       **timing,
@@ -276,6 +301,8 @@ def run_benchmark(config, workdir: pathlib.Path, *, eval_only: bool = False, num
               [sources["trainB"][i] for i in range(min(num_test, len(sources["trainB"])))]))),
           "mask_iou_unrelated_zebra": float(mask_iou(horses, zebras[:len(horses)]).mean()),
           "mask_iou_horse_shifted_2px": float(mask_iou(horses, shifted).mean()),
+          # Train zebras resized onto the test horses' foreground boxes (`drawn_in_box`).
+          **{f"{k}_zebras_in_horse_boxes": zebras_in_horse_boxes[k] for k in CRITERIA},
       },
       # The scored checkpoint's own model settings (with --eval_only they need not match the flags').
       "config": {k: translator.config.model[k] for k in ("img_size", "ch", "n_res", "n_dis", "light")},
@@ -312,6 +339,8 @@ def main(argv):
         f"shifted 2 px {b['mask_iou_horse_shifted_2px']:.3f})\n"
         f"KIDx100 vs zebras   {results['kid_x100']:.3f}  (raw horses {b['kid_x100_raw_horses']:.3f}, "
         f"train zebras 28->64->28 {b['kid_x100_train_zebras_64_roundtrip']:.3f})\n"
+        f"zebras drawn in the horses' boxes: judge {b['judge_zebra_rate_zebras_in_horse_boxes']:.3f}, "
+        f"mask IoU {b['mask_iou_zebras_in_horse_boxes']:.3f}, KIDx100 {b['kid_x100_zebras_in_horse_boxes']:.3f}\n"
         f"pass: {results['passed']} {results['pass']}\n"
         f"{pathlib.Path(FLAGS.workdir) / 'benchmark.json'}, {results['grid']}")
   if "checkpoints" in results:

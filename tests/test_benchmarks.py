@@ -33,6 +33,19 @@ def test_class_shares_names_each_predicted_class_most_common_first():
   assert list(shares) == ["zebra", "horse"] and shares == {"zebra": 0.75, "horse": 0.25}
 
 
+def test_drawn_in_box_puts_the_zebra_on_the_horses_box():
+  horse = np.zeros((28, 28), np.float32)
+  horse[5:15, 3:21] = 250
+  zebra = np.zeros((28, 28), np.float32)
+  zebra[20:25, 0:9] = 120
+  zebra[20:25, 9:18] = 180  # two halves, so the resize must keep left on the left
+  drawn = bench.drawn_in_box(zebra, horse)
+  assert bench.foreground_box(drawn) == (5, 15, 3, 21) == bench.foreground_box(horse)
+  assert drawn[5:15, 3:8].max() == 120 and drawn[5:15, 16:21].min() == 180
+  assert drawn.sum() == drawn[5:15, 3:21].sum()  # nothing outside the box
+  assert bench.foreground_box(np.zeros((28, 28))) == (0, 28, 0, 28)  # an empty image: the whole frame
+
+
 def test_benchmark_smoke_run_reports_every_field(tmp_path):
   config = animal_horse2zebra.get_config()
   config.model.ch, config.model.n_res = 8, 1
@@ -49,7 +62,9 @@ def test_benchmark_smoke_run_reports_every_field(tmp_path):
     assert 0.0 <= results[key] <= 1.0, key
   assert math.isfinite(results["kid_x100"])
   for key in ("judge_zebra_rate_raw_horses", "judge_zebra_rate_real_zebras", "kid_x100_raw_horses",
-              "kid_x100_train_zebras_64_roundtrip", "mask_iou_unrelated_zebra", "mask_iou_horse_shifted_2px"):
+              "kid_x100_train_zebras_64_roundtrip", "mask_iou_unrelated_zebra", "mask_iou_horse_shifted_2px",
+              "judge_zebra_rate_zebras_in_horse_boxes", "mask_iou_zebras_in_horse_boxes",
+              "kid_x100_zebras_in_horse_boxes"):
     assert math.isfinite(results["baselines"][key]), key
   assert set(results["pass"]) == set(bench.CRITERIA) and isinstance(results["passed"], bool)
   assert sum(results["judge_classes"].values()) == pytest.approx(1.0)
