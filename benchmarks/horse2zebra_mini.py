@@ -11,7 +11,9 @@ antialiasing, which undoes the loader's 28 -> 64 upsampling almost exactly) and 
     horse and its translation — a generator that ignores its input fails it;
   * kid_x100: Inception KIDx100 of G(test horses) against the real test zebras (built-in evaluation);
 
-with the do-nothing baselines beside them, a PNG grid and a JSON file (<workdir>/benchmark.json).
+with the do-nothing baselines beside them, the same three scores for a reference (real train zebras
+drawn in the test horses' boxes, `drawn_in_box`: what the bars ask of a translation's outline), a PNG
+grid and a JSON file (<workdir>/benchmark.json).
 Pass: judge >= 0.8, IoU >= 0.6, KIDx100 <= 3 — together, since each alone is easy to fool.
 
   python -m benchmarks.horse2zebra_mini --workdir=runs/horse2zebra_mini
