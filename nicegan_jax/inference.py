@@ -121,8 +121,7 @@ def chunk_size(backend: str) -> int | None:
   XLA:CPU's convolutions lose throughput on large batches (`benchmarks/speed.py`: 32 images in one call
   translate at two thirds the rate of 8 at a time at 64x64, at half the rate of one at a time at
   128x128); accelerators gain from them. Most of that loss was the narrow convolutions, which now run
-  one image at a time on a CPU (`layers.conv_per_image`): since then one call of 32 is nearly as fast
-  at 64x64 (8.2 against 8.3 img/s), so the chunking mainly bounds memory.
+  as `layers.conv_narrow` on a CPU, so the chunking mainly bounds memory.
   """
   return 8 if backend == "cpu" else None
 

@@ -7,9 +7,9 @@ residual block and PixelShuffle with PyTorch's channel order; and a convolution 
 computes gradients as one matmul per kernel tap (`weight_grad="matmul"`: the kernel's always, the
 input's on small maps), which XLA:CPU runs 1.3-26x faster than its own gradient convolutions at batch 1,
 whose forward pass on small maps from 256+ channels is a sum of one matmul per tap too (faster on
-XLA:CPU), and whose narrow convs (fewer than 16 outputs) run one image at a time,
-because XLA:CPU's convolution with few outputs slows far more than linearly with the batch (same values
-up to float rounding).
+XLA:CPU), and whose narrow convs (fewer than 16 outputs) run forward as one matmul onto every tap's
+outputs followed by shifted sums, because XLA:CPU's own convolution with few outputs is slow (same
+values up to float rounding).
 
 Layout is NHWC. Kernels are stored as (kh, kw, in, out) and dense weights as (in, out); the spectral-norm
 vectors keep PyTorch's layout (`u`: out, `v`: in*kh*kw flattened in (in, kh, kw) order) so that they port
@@ -44,10 +44,10 @@ MATMUL_INPUT_GRAD_MAX_POSITIONS = 20 * 20
 # single convs from 32-128 channels were faster at batch 4-8; on larger maps XLA's own is faster.
 TAPS_FORWARD_MIN_IN_FEATURES = 256
 TAPS_FORWARD_MAX_POSITIONS = 32 * 32
-# Narrow convs (under MATMUL_WEIGHT_GRAD_MIN_FEATURES outputs) also slow far more than linearly with the
-# batch on XLA:CPU (the generator's 7x7 conv 32 -> 3 at 64x64: 6.7 ms for one image, 101 ms for four,
-# 27 ms as four single-image convs), so with `weight_grad="matmul"` (the CPU setting) they run one image
-# at a time.
+# Narrow convs (under MATMUL_WEIGHT_GRAD_MIN_FEATURES outputs) are slow on XLA:CPU, and slow far more
+# than linearly with the batch (the generator's 7x7 conv 64 -> 3 at 64x64: 34 ms for one image, 268 ms
+# for eight), so with `weight_grad="matmul"` (the CPU setting) their forward pass is `conv_narrow`
+# (1.3 ms and 9 ms); their gradients stay XLA's, which are fast.
 
 
 def _uniform(key, shape, bound: float, dtype=jnp.float32) -> jax.Array:
@@ -123,12 +123,6 @@ def conv_valid(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def conv_per_image(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-  """`conv_valid` as one convolution per image of the batch, concatenated (unrolled: XLA:CPU runs a
-  `lax.map` of them slower than the batched convolution)."""
-  return jnp.concatenate([conv_valid(x[i:i + 1], kernel, stride) for i in range(x.shape[0])])
-
-
 def _conv_output_hw(x: jax.Array, kernel_size: int, stride: int) -> tuple[int, int]:
   """Output height and width of an unpadded convolution of the NHWC batch `x`."""
   return (x.shape[1] - kernel_size) // stride + 1, (x.shape[2] - kernel_size) // stride + 1
@@ -140,6 +134,38 @@ def _tap_window(x: jax.Array, kh: int, kw: int, out_hw: tuple[int, int], stride:
   return jax.lax.slice(x, (0, kh, kw, 0),
                        (n, kh + (out_hw[0] - 1) * stride + 1, kw + (out_hw[1] - 1) * stride + 1, c),
                        (1, stride, stride, 1))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv_narrow(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  """`conv_valid` for few output features, as one matmul onto every tap's outputs, then shifted sums:
+  z[n, h, w, (kh, kw, o)] = x[n, h, w] W[:, :, :, o]-by-tap, y[n, i, j] = sum over kh, kw of
+  z[n, i*s + kh, j*s + kw, (kh, kw)]. Its backward pass is XLA's (fast for these convs; the transpose of
+  the shifted sums is not)."""
+  k, _, features_in, features = kernel.shape
+  n, h, w, _ = x.shape
+  out_hw = _conv_output_hw(x, k, stride)
+  per_tap = jnp.einsum("nhwi,iq->nhwq", x, kernel.transpose(2, 0, 1, 3).reshape(features_in, -1),
+                       preferred_element_type=jnp.float32).reshape(n, h, w, k * k, features)
+  y = None
+  for kh in range(k):
+    for kw in range(k):
+      tap = _tap_window(per_tap[:, :, :, kh * k + kw], kh, kw, out_hw, stride)
+      y = tap if y is None else y + tap
+  return y.astype(jnp.result_type(x, kernel))
+
+
+def _conv_narrow_fwd(x, kernel, stride):
+  return conv_narrow(x, kernel, stride), (x, kernel)
+
+
+def _conv_narrow_bwd(stride, residuals, dy):
+  x, kernel = residuals
+  _, vjp = jax.vjp(lambda x_, w_: conv_valid(x_, w_, stride), x, kernel)
+  return vjp(dy)
+
+
+conv_narrow.defvjp(_conv_narrow_fwd, _conv_narrow_bwd)
 
 
 def conv_taps(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
@@ -225,7 +251,7 @@ class Conv(nn.Module):
   Params: `kernel` (kh, kw, in, out), `bias` (out). With `spectral_norm` the kernel is PyTorch's
   `weight_orig` and the u/v vectors live in the `spectral` collection. `weight_grad` picks how the
   backward pass computes the kernel's gradient (`WEIGHT_GRADS`; "matmul" also runs some forward passes
-  as tap matmuls and a narrow conv one image at a time); it changes no value beyond rounding.
+  as tap matmuls and a narrow conv as `conv_narrow`); it changes no value beyond rounding.
   """
   features: int
   kernel_size: int
@@ -252,7 +278,7 @@ class Conv(nn.Module):
     elif self.features >= MATMUL_WEIGHT_GRAD_MIN_FEATURES:
       conv = conv_matmul_weight_grad
     else:
-      conv = conv_per_image
+      conv = conv_narrow
     y = conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride)
     if self.use_bias:
       bias = self.param("bias", torch_bias_init(fan_in), (self.features,))

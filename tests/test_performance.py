@@ -36,7 +36,7 @@ def test_remat_changes_neither_outputs_nor_gradients():
 @pytest.mark.parametrize("size,features_in,features,kernel,stride,pad", [
     (16, 8, 16, 3, 1, 1), (33, 3, 16, 4, 2, 1), (16, 16, 32, 4, 1, 1), (8, 16, 16, 1, 1, 0),
     (7, 16, 32, 4, 2, 1), (32, 8, 16, 3, 1, 1),  # maps up to 20x20 (padded) take the matmul input grad
-    (12, 16, 3, 7, 1, 3), (9, 16, 1, 4, 1, 1),  # narrow convs: one image at a time
+    (12, 16, 3, 7, 1, 3), (9, 16, 1, 4, 1, 1),  # narrow convs: conv_narrow forward
     (6, 256, 16, 3, 1, 1), (8, 256, 32, 4, 2, 1)])  # 256 inputs: the forward as tap matmuls too
 def test_matmul_weight_gradient_equals_xla(size, features_in, features, kernel, stride, pad):
   x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size, features_in))
@@ -53,6 +53,20 @@ def test_matmul_weight_gradient_equals_xla(size, features_in, features, kernel, 
   # Sums in another order: equal to float32 rounding of the largest terms (1e-5 of each array's max).
   for a, b in zip(jax.tree.leaves((mm_x, mm_params)), jax.tree.leaves((xla_x, xla_params))):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
+
+
+@pytest.mark.parametrize("size,kernel,stride", [(13, 7, 1), (12, 4, 2), (9, 3, 3)])
+def test_conv_narrow_equals_xla_with_its_gradients(size, kernel, stride):
+  # The shifted sums must pick every tap's outputs at the strided positions, and the gradients are XLA's.
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, size, size, 8))
+  w = jax.random.normal(jax.random.PRNGKey(1), (kernel, kernel, 8, 3))
+  y = layers.conv_valid(x, w, stride)
+  dy = jax.random.normal(jax.random.PRNGKey(2), y.shape)
+  narrow_y, narrow_vjp = jax.vjp(lambda x, w: layers.conv_narrow(x, w, stride), x, w)
+  _, xla_vjp = jax.vjp(lambda x, w: layers.conv_valid(x, w, stride), x, w)
+  np.testing.assert_allclose(narrow_y, y, rtol=1e-5, atol=1e-5 * float(np.abs(y).max()))
+  for a, b in zip(narrow_vjp(dy), xla_vjp(dy)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * float(np.abs(b).max()))
 
 
 @pytest.mark.parametrize("batch,size,features_in,kernel,stride,expected", [
