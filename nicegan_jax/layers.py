@@ -6,10 +6,9 @@ AdaILN normalisations with softmax-parameterised mixing weights and unbiased var
 residual block and PixelShuffle with PyTorch's channel order; and a convolution whose backward pass
 computes gradients as one matmul per kernel tap (`weight_grad="matmul"`: the kernel's always, the
 input's on small maps), which XLA:CPU runs 1.3-26x faster than its own gradient convolutions at batch 1,
-whose forward pass on small maps from 256+ channels is a sum of one matmul per tap too (faster on
-XLA:CPU), and whose narrow convs (fewer than 16 outputs) run forward as one matmul onto every tap's
-outputs followed by shifted sums, because XLA:CPU's own convolution with few outputs is slow (same
-values up to float rounding).
+whose forward pass on small maps from 256+ channels is a sum of one matmul per tap too, and onto few
+outputs one matmul onto every tap's outputs followed by shifted sums (both faster on XLA:CPU than its own
+convolution there; same values up to float rounding).
 
 Layout is NHWC. Kernels are stored as (kh, kw, in, out) and dense weights as (in, out); the spectral-norm
 vectors keep PyTorch's layout (`u`: out, `v`: in*kh*kw flattened in (in, kh, kw) order) so that they port
@@ -44,10 +43,17 @@ MATMUL_INPUT_GRAD_MAX_POSITIONS = 20 * 20
 # single convs from 32-128 channels were faster at batch 4-8; on larger maps XLA's own is faster.
 TAPS_FORWARD_MIN_IN_FEATURES = 256
 TAPS_FORWARD_MAX_POSITIONS = 32 * 32
-# Narrow convs (under MATMUL_WEIGHT_GRAD_MIN_FEATURES outputs) are slow on XLA:CPU, and slow far more
-# than linearly with the batch (the generator's 7x7 conv 64 -> 3 at 64x64: 34 ms for one image, 268 ms
-# for eight), so with `weight_grad="matmul"` (the CPU setting) their forward pass is `conv_narrow`
-# (1.3 ms and 9 ms); their gradients stay XLA's, which are fast.
+# XLA:CPU's forward convolution onto few outputs is slow, and slows far more than linearly with the batch
+# (the generator's 7x7 conv 64 -> 3 at 64x64: 34 ms for one image, 268 ms for eight; its 3x3 conv
+# 128 -> 64 on a 64x64 map: 138 ms for eight). One matmul onto all outputs x taps followed by shifted sums
+# (`conv_output_taps`) takes 1.3 ms, 9 ms and 63 ms there, so the "matmul" setting (the CPU default) runs
+# a conv forward that way when its kernel has at most this many columns (outputs x kh x kw: 64 outputs
+# of a 3x3 kernel; the 3x3 conv 256 -> 128, 1152 columns, was no faster). Narrow convs (under
+# MATMUL_WEIGHT_GRAD_MIN_FEATURES outputs) keep XLA's gradients, which are fast for them (`conv_narrow`).
+# From few input channels the matmul is mostly writes (the discriminator's first 4x4 conv 3 -> 32 at batch
+# 8: 24 ms against XLA's 1.5 ms), hence a floor on the inputs.
+OUTPUT_TAPS_MAX_COLUMNS = 576
+OUTPUT_TAPS_MIN_IN_FEATURES = 32
 
 
 def _uniform(key, shape, bound: float, dtype=jnp.float32) -> jax.Array:
@@ -136,12 +142,11 @@ def _tap_window(x: jax.Array, kh: int, kw: int, out_hw: tuple[int, int], stride:
                        (1, stride, stride, 1))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv_narrow(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-  """`conv_valid` for few output features, as one matmul onto every tap's outputs, then shifted sums:
-  z[n, h, w, (kh, kw, o)] = x[n, h, w] W[:, :, :, o]-by-tap, y[n, i, j] = sum over kh, kw of
-  z[n, i*s + kh, j*s + kw, (kh, kw)]. Its backward pass is XLA's (fast for these convs; the transpose of
-  the shifted sums is not)."""
+def conv_output_taps(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  """`conv_valid` as one matmul onto every tap's outputs, then shifted sums:
+  z[n, h, w, (kh, kw, o)] = sum over c of x[n, h, w, c] W[kh, kw, c, o], and
+  y[n, i, j, o] = sum over kh, kw of z[n, i*s + kh, j*s + kw, (kh, kw, o)]. One wide matmul instead of a
+  convolution: faster on XLA:CPU when the kernel has few columns (outputs x taps; OUTPUT_TAPS_*)."""
   k, _, features_in, features = kernel.shape
   n, h, w, _ = x.shape
   out_hw = _conv_output_hw(x, k, stride)
@@ -153,6 +158,13 @@ def conv_narrow(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
       tap = _tap_window(per_tap[:, :, :, kh * k + kw], kh, kw, out_hw, stride)
       y = tap if y is None else y + tap
   return y.astype(jnp.result_type(x, kernel))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv_narrow(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  """A conv with few output features: `conv_output_taps` forward, XLA's gradients backward (fast for
+  these convs; the transpose of the shifted sums is not)."""
+  return conv_output_taps(x, kernel, stride)
 
 
 def _conv_narrow_fwd(x, kernel, stride):
@@ -187,8 +199,17 @@ def _uses_taps_forward(x: jax.Array, kernel: jax.Array, stride: int) -> bool:
   return kernel.shape[2] >= TAPS_FORWARD_MIN_IN_FEATURES and out_h * out_w <= TAPS_FORWARD_MAX_POSITIONS
 
 
+def _uses_output_taps_forward(kernel: jax.Array) -> bool:
+  """Whether the "matmul" setting runs this conv forward as `conv_output_taps` (see OUTPUT_TAPS_*)."""
+  k, _, features_in, features = kernel.shape
+  return k > 1 and features_in >= OUTPUT_TAPS_MIN_IN_FEATURES and features * k * k <= OUTPUT_TAPS_MAX_COLUMNS
+
+
 def conv_forward(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-  """The "matmul" setting's forward convolution: `conv_taps` where it is faster on XLA:CPU, else XLA's."""
+  """The "matmul" setting's forward convolution: `conv_output_taps` or `conv_taps` where one is faster on
+  XLA:CPU, else XLA's."""
+  if _uses_output_taps_forward(kernel):
+    return conv_output_taps(x, kernel, stride)
   if _uses_taps_forward(x, kernel, stride):
     return conv_taps(x, kernel, stride)
   return conv_valid(x, kernel, stride)
@@ -277,8 +298,10 @@ class Conv(nn.Module):
       conv = conv_valid
     elif self.features >= MATMUL_WEIGHT_GRAD_MIN_FEATURES:
       conv = conv_matmul_weight_grad
-    else:
+    elif _uses_output_taps_forward(kernel):
       conv = conv_narrow
+    else:
+      conv = conv_valid
     y = conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride)
     if self.use_bias:
       bias = self.param("bias", torch_bias_init(fan_in), (self.features,))

@@ -37,6 +37,7 @@ def test_remat_changes_neither_outputs_nor_gradients():
     (16, 8, 16, 3, 1, 1), (33, 3, 16, 4, 2, 1), (16, 16, 32, 4, 1, 1), (8, 16, 16, 1, 1, 0),
     (7, 16, 32, 4, 2, 1), (32, 8, 16, 3, 1, 1),  # maps up to 20x20 (padded) take the matmul input grad
     (12, 16, 3, 7, 1, 3), (9, 16, 1, 4, 1, 1),  # narrow convs: conv_narrow forward
+    (12, 32, 16, 3, 1, 1), (13, 32, 32, 4, 2, 1),  # few kernel columns: the forward as output taps
     (6, 256, 16, 3, 1, 1), (8, 256, 32, 4, 2, 1)])  # 256 inputs: the forward as tap matmuls too
 def test_matmul_weight_gradient_equals_xla(size, features_in, features, kernel, stride, pad):
   x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size, features_in))
@@ -67,6 +68,15 @@ def test_conv_narrow_equals_xla_with_its_gradients(size, kernel, stride):
   np.testing.assert_allclose(narrow_y, y, rtol=1e-5, atol=1e-5 * float(np.abs(y).max()))
   for a, b in zip(narrow_vjp(dy), xla_vjp(dy)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * float(np.abs(b).max()))
+
+
+@pytest.mark.parametrize("features_in,features,kernel,expected", [
+    (64, 3, 7, True), (512, 1, 4, True), (128, 64, 3, True), (32, 32, 4, True),
+    (256, 128, 3, False), (3, 32, 4, False), (16, 3, 7, False), (128, 256, 1, False)])
+def test_output_taps_forward_for_kernels_with_few_columns(features_in, features, kernel, expected):
+  # At most 576 columns (outputs x kh x kw), from at least 32 inputs, and never a 1x1 conv.
+  weights = jnp.zeros((kernel, kernel, features_in, features))
+  assert layers._uses_output_taps_forward(weights) == expected
 
 
 @pytest.mark.parametrize("batch,size,features_in,kernel,stride,expected", [
