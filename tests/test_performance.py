@@ -36,7 +36,8 @@ def test_remat_changes_neither_outputs_nor_gradients():
 @pytest.mark.parametrize("size,features_in,features,kernel,stride,pad", [
     (16, 8, 16, 3, 1, 1), (33, 3, 16, 4, 2, 1), (16, 16, 32, 4, 1, 1), (8, 16, 16, 1, 1, 0),
     (7, 16, 32, 4, 2, 1), (32, 8, 16, 3, 1, 1),  # maps up to 20x20 (padded) take the matmul input grad
-    (12, 16, 3, 7, 1, 3), (9, 16, 1, 4, 1, 1),  # narrow convs: conv_narrow forward
+    (12, 32, 3, 7, 1, 3), (9, 32, 1, 4, 1, 1),  # narrow convs: conv_narrow (output taps, XLA's gradients)
+    (12, 16, 3, 7, 1, 3),  # narrow, from too few inputs for output taps: XLA's conv
     (12, 32, 16, 3, 1, 1), (13, 32, 32, 4, 2, 1),  # few kernel columns: the forward as output taps
     (6, 256, 16, 3, 1, 1), (8, 256, 32, 4, 2, 1)])  # 256 inputs: the forward as tap matmuls too
 def test_matmul_weight_gradient_equals_xla(size, features_in, features, kernel, stride, pad):
