@@ -272,7 +272,7 @@ class Conv(nn.Module):
   Params: `kernel` (kh, kw, in, out), `bias` (out). With `spectral_norm` the kernel is PyTorch's
   `weight_orig` and the u/v vectors live in the `spectral` collection. `weight_grad` picks how the
   backward pass computes the kernel's gradient (`WEIGHT_GRADS`; "matmul" also runs some forward passes
-  as tap matmuls and a narrow conv as `conv_narrow`); it changes no value beyond rounding.
+  as tap matmuls or output taps, a narrow conv as `conv_narrow`); it changes no value beyond rounding.
   """
   features: int
   kernel_size: int
