@@ -8,7 +8,9 @@ computes gradients as one matmul per kernel tap (`weight_grad="matmul"`: the ker
 input's on small maps), which XLA:CPU runs 1.3-26x faster than its own gradient convolutions at batch 1,
 whose forward pass on small maps from 256+ channels is a sum of one matmul per tap too, and onto few
 outputs one matmul onto every tap's outputs followed by shifted sums (both faster on XLA:CPU than its own
-convolution there; same values up to float rounding).
+convolution there; same values up to float rounding); its other stride-1 convolutions, forward and
+kernel gradient, run padded by one zero row whose output row is dropped (`conv_padded`), since XLA:CPU
+runs unpadded stride-1 convolutions on a path about 3x slower.
 
 Layout is NHWC. Kernels are stored as (kh, kw, in, out) and dense weights as (in, out); the spectral-norm
 vectors keep PyTorch's layout (`u`: out, `v`: in*kh*kw flattened in (in, kh, kw) order) so that they port
@@ -43,6 +45,14 @@ MATMUL_INPUT_GRAD_MAX_POSITIONS = 20 * 20
 # single convs from 32-128 channels were faster at batch 4-8; on larger maps XLA's own is faster.
 TAPS_FORWARD_MIN_IN_FEATURES = 256
 TAPS_FORWARD_MAX_POSITIONS = 32 * 32
+# XLA:CPU runs a stride-1 convolution without padding (VALID) on a far slower path than the same
+# convolution with any padding: a 3x3 conv 256 -> 256 on a 34x34 map at batch 8 takes 162 ms VALID and
+# 53 ms with one zero row padded below the input (whose extra output row is dropped), its kernel gradient
+# 174 ms against 83 ms; the generator's 7x7 conv 64 -> 3 at 64x64, 250 ms against 12 ms. So the "matmul"
+# setting runs stride-1 convs that way (`conv_padded`), forward and kernel gradient, except on maps of
+# fewer output positions than this, where the tap matmuls stay faster (a 4x4 conv 1024 -> 2048 onto 3x3
+# outputs: 108 ms as taps, 139 ms padded).
+PADDED_MIN_POSITIONS = 8 * 8
 # XLA:CPU's forward convolution onto few outputs is slow, and slows far more than linearly with the batch
 # (the generator's 7x7 conv 64 -> 3 at 64x64: 34 ms for one image, 268 ms for eight; its 3x3 conv
 # 128 -> 64 on a 64x64 map: 138 ms for eight). One matmul onto all outputs x taps followed by shifted sums
@@ -54,6 +64,11 @@ TAPS_FORWARD_MAX_POSITIONS = 32 * 32
 # 8: 24 ms against XLA's 1.5 ms), hence a floor on the inputs.
 OUTPUT_TAPS_MAX_COLUMNS = 576
 OUTPUT_TAPS_MIN_IN_FEATURES = 32
+# Where `conv_padded` applies too, output taps stay faster only while the matmul's result (batch x output
+# positions x columns) is small: the 7x7 conv 64 -> 3 at 64x64, batch 8 (4.8M entries): 7 ms against 11 ms
+# padded; at 128x128 (19M): 64 ms against 26 ms; the 3x3 conv 128 -> 64 on 64x64 outputs, batch 8 (19M):
+# 68 ms against 52 ms.
+OUTPUT_TAPS_MAX_PADDED_ALTERNATIVE = 2 ** 23
 
 
 def _uniform(key, shape, bound: float, dtype=jnp.float32) -> jax.Array:
@@ -129,6 +144,15 @@ def conv_valid(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+def conv_padded(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  """`conv_valid` computed with one zero row padded below the input and the extra output row dropped:
+  the same values, on XLA:CPU's much faster path for padded convolutions (PADDED_MIN_POSITIONS)."""
+  out_h, _ = _conv_output_hw(x, kernel.shape[0], stride)
+  y = jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((0, stride), (0, 0)),
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return y[:, :out_h]
+
+
 def _conv_output_hw(x: jax.Array, kernel_size: int, stride: int) -> tuple[int, int]:
   """Output height and width of an unpadded convolution of the NHWC batch `x`."""
   return (x.shape[1] - kernel_size) // stride + 1, (x.shape[2] - kernel_size) // stride + 1
@@ -193,25 +217,38 @@ def conv_taps(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
   return y.astype(jnp.result_type(x, kernel))
 
 
+def _uses_padded(x: jax.Array, kernel: jax.Array, stride: int) -> bool:
+  """Whether the "matmul" setting runs this conv and its kernel gradient as `conv_padded`."""
+  out_h, out_w = _conv_output_hw(x, kernel.shape[0], stride)
+  return stride == 1 and kernel.shape[0] > 1 and out_h * out_w >= PADDED_MIN_POSITIONS
+
+
 def _uses_taps_forward(x: jax.Array, kernel: jax.Array, stride: int) -> bool:
   """Whether the "matmul" setting runs this conv forward as `conv_taps` (see TAPS_FORWARD_*)."""
   out_h, out_w = _conv_output_hw(x, kernel.shape[0], stride)
-  return kernel.shape[2] >= TAPS_FORWARD_MIN_IN_FEATURES and out_h * out_w <= TAPS_FORWARD_MAX_POSITIONS
+  return (kernel.shape[2] >= TAPS_FORWARD_MIN_IN_FEATURES and out_h * out_w <= TAPS_FORWARD_MAX_POSITIONS
+          and not _uses_padded(x, kernel, stride))
 
 
-def _uses_output_taps_forward(kernel: jax.Array) -> bool:
+def _uses_output_taps_forward(x: jax.Array, kernel: jax.Array, stride: int) -> bool:
   """Whether the "matmul" setting runs this conv forward as `conv_output_taps` (see OUTPUT_TAPS_*)."""
   k, _, features_in, features = kernel.shape
-  return k > 1 and features_in >= OUTPUT_TAPS_MIN_IN_FEATURES and features * k * k <= OUTPUT_TAPS_MAX_COLUMNS
+  if not (k > 1 and features_in >= OUTPUT_TAPS_MIN_IN_FEATURES and features * k * k <= OUTPUT_TAPS_MAX_COLUMNS):
+    return False
+  out_h, out_w = _conv_output_hw(x, k, stride)
+  return (not _uses_padded(x, kernel, stride)
+          or x.shape[0] * out_h * out_w * features * k * k <= OUTPUT_TAPS_MAX_PADDED_ALTERNATIVE)
 
 
 def conv_forward(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-  """The "matmul" setting's forward convolution: `conv_output_taps` or `conv_taps` where one is faster on
-  XLA:CPU, else XLA's."""
-  if _uses_output_taps_forward(kernel):
+  """The "matmul" setting's forward convolution: `conv_output_taps`, `conv_taps` or `conv_padded` where one
+  is faster on XLA:CPU, else XLA's."""
+  if _uses_output_taps_forward(x, kernel, stride):
     return conv_output_taps(x, kernel, stride)
   if _uses_taps_forward(x, kernel, stride):
     return conv_taps(x, kernel, stride)
+  if _uses_padded(x, kernel, stride):
+    return conv_padded(x, kernel, stride)
   return conv_valid(x, kernel, stride)
 
 
@@ -246,7 +283,8 @@ def conv_input_grad(dy: jax.Array, kernel: jax.Array, stride: int, input_hw: tup
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def conv_matmul_weight_grad(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-  """`conv_forward` whose backward pass computes the kernel's gradient with `conv_weight_grad`."""
+  """`conv_forward` whose backward pass computes the kernel's gradient with `conv_weight_grad`, or as
+  XLA's gradient of `conv_padded` where that conv applies."""
   return conv_forward(x, kernel, stride)
 
 
@@ -256,7 +294,11 @@ def _conv_matmul_fwd(x, kernel, stride):
 
 def _conv_matmul_bwd(stride, residuals, dy):
   x, kernel = residuals
-  dkernel = conv_weight_grad(x, dy, kernel.shape[0], stride).astype(kernel.dtype)
+  if _uses_padded(x, kernel, stride):
+    _, kernel_vjp = jax.vjp(lambda w_: conv_padded(x, w_, stride), kernel)
+    dkernel = kernel_vjp(dy)[0]
+  else:
+    dkernel = conv_weight_grad(x, dy, kernel.shape[0], stride).astype(kernel.dtype)
   if x.shape[1] * x.shape[2] <= MATMUL_INPUT_GRAD_MAX_POSITIONS:
     return conv_input_grad(dy, kernel, stride, x.shape[1:3]), dkernel
   _, input_vjp = jax.vjp(lambda x_: conv_valid(x_, kernel, stride), x)
@@ -271,8 +313,9 @@ class Conv(nn.Module):
 
   Params: `kernel` (kh, kw, in, out), `bias` (out). With `spectral_norm` the kernel is PyTorch's
   `weight_orig` and the u/v vectors live in the `spectral` collection. `weight_grad` picks how the
-  backward pass computes the kernel's gradient (`WEIGHT_GRADS`; "matmul" also runs some forward passes
-  as tap matmuls or output taps, a narrow conv as `conv_narrow`); it changes no value beyond rounding.
+  backward pass computes the kernel's gradient (`WEIGHT_GRADS`; "matmul", the CPU setting, also runs
+  some forward passes as tap matmuls, output taps or `conv_padded`, a narrow conv as `conv_narrow`); it
+  changes no value beyond rounding.
   """
   features: int
   kernel_size: int
@@ -298,8 +341,10 @@ class Conv(nn.Module):
       conv = conv_valid
     elif self.features >= MATMUL_WEIGHT_GRAD_MIN_FEATURES:
       conv = conv_matmul_weight_grad
-    elif _uses_output_taps_forward(kernel):
+    elif _uses_output_taps_forward(x, kernel, self.stride):
       conv = conv_narrow
+    elif _uses_padded(x, kernel, self.stride):
+      conv = conv_padded  # with XLA's gradients of the padded conv
     else:
       conv = conv_valid
     y = conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride)

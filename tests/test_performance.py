@@ -37,7 +37,8 @@ def test_remat_changes_neither_outputs_nor_gradients():
     (16, 8, 16, 3, 1, 1), (33, 3, 16, 4, 2, 1), (16, 16, 32, 4, 1, 1), (8, 16, 16, 1, 1, 0),
     (7, 16, 32, 4, 2, 1), (32, 8, 16, 3, 1, 1),  # maps up to 20x20 (padded) take the matmul input grad
     (12, 32, 3, 7, 1, 3), (9, 32, 1, 4, 1, 1),  # narrow convs: conv_narrow (output taps, XLA's gradients)
-    (12, 16, 3, 7, 1, 3),  # narrow, from too few inputs for output taps: XLA's conv
+    (12, 16, 3, 7, 1, 3),  # narrow, from too few inputs for output taps: conv_padded, XLA's gradients
+    (3, 8, 16, 3, 1, 1),  # under 8x8 outputs: XLA's unpadded conv forward, tap-matmul kernel gradient
     (12, 32, 16, 3, 1, 1), (13, 32, 32, 4, 2, 1),  # few kernel columns: the forward as output taps
     (6, 256, 16, 3, 1, 1), (8, 256, 32, 4, 2, 1)])  # 256 inputs: the forward as tap matmuls too
 def test_matmul_weight_gradient_equals_xla(size, features_in, features, kernel, stride, pad):
@@ -71,22 +72,51 @@ def test_conv_narrow_equals_xla_with_its_gradients(size, kernel, stride):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * float(np.abs(b).max()))
 
 
-@pytest.mark.parametrize("features_in,features,kernel,expected", [
-    (64, 3, 7, True), (512, 1, 4, True), (128, 64, 3, True), (32, 32, 4, True),
-    (256, 128, 3, False), (3, 32, 4, False), (16, 3, 7, False), (128, 256, 1, False)])
-def test_output_taps_forward_for_kernels_with_few_columns(features_in, features, kernel, expected):
-  # At most 576 columns (outputs x kh x kw), from at least 32 inputs, and never a 1x1 conv.
+@pytest.mark.parametrize("batch,size,features_in,features,kernel,expected", [
+    (8, 70, 64, 3, 7, True), (8, 17, 512, 1, 4, True), (1, 66, 128, 64, 3, True), (4, 34, 32, 32, 4, True),
+    (1, 18, 256, 128, 3, False), (1, 66, 3, 32, 4, False), (1, 70, 16, 3, 7, False),
+    (1, 16, 128, 256, 1, False),
+    # A large matmul result (batch x positions x columns > 2^23) where the padded conv applies: padded.
+    (8, 134, 64, 3, 7, False), (8, 66, 128, 64, 3, False), (1, 262, 64, 3, 7, False)])
+def test_output_taps_forward_for_kernels_with_few_columns(batch, size, features_in, features, kernel, expected):
+  # At most 576 columns (outputs x kh x kw), from at least 32 inputs, never a 1x1 conv, and only while
+  # the matmul's result is small where `conv_padded` is the alternative.
+  x = jnp.zeros((batch, size, size, features_in))
   weights = jnp.zeros((kernel, kernel, features_in, features))
-  assert layers._uses_output_taps_forward(weights) == expected
+  assert layers._uses_output_taps_forward(x, weights, 1) == expected
 
 
 @pytest.mark.parametrize("batch,size,features_in,kernel,stride,expected", [
-    (1, 18, 256, 3, 1, True), (8, 18, 512, 4, 1, True), (2, 34, 256, 3, 1, True), (1, 18, 128, 3, 1, False),
-    (8, 18, 128, 3, 1, False), (1, 66, 256, 3, 1, False), (1, 66, 256, 4, 2, True)])
+    (8, 6, 1024, 4, 1, True), (1, 9, 256, 3, 1, True), (1, 18, 128, 3, 1, False),
+    (1, 66, 256, 4, 2, True), (8, 34, 256, 4, 2, True), (1, 130, 256, 4, 2, False),
+    # stride 1 onto 8x8 outputs or more: conv_padded instead
+    (1, 10, 256, 3, 1, False), (1, 18, 256, 3, 1, False), (8, 18, 512, 4, 1, False)])
 def test_taps_forward_where_xla_cpu_is_slower(batch, size, features_in, kernel, stride, expected):
-  # From 256+ channels onto maps of at most 32x32 outputs (66 -> 32 at stride 2), whatever the batch.
+  # From 256+ channels onto maps of at most 32x32 outputs (66 -> 32 at stride 2), whatever the batch,
+  # at stride 1 only under 8x8 outputs.
   x = jnp.zeros((batch, size, size, features_in))
   assert layers._uses_taps_forward(x, jnp.zeros((kernel, kernel, features_in, 64)), stride) == expected
+
+
+@pytest.mark.parametrize("size,kernel,stride", [(10, 3, 1), (13, 7, 1), (11, 4, 2), (12, 3, 3)])
+def test_conv_padded_equals_xla_unpadded_conv_with_its_gradients(size, kernel, stride):
+  # The zero row below the input must only ever reach the dropped output row.
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size + 1, 5))
+  w = jax.random.normal(jax.random.PRNGKey(1), (kernel, kernel, 5, 6))
+  y, valid_vjp = jax.vjp(lambda x, w: layers.conv_valid(x, w, stride), x, w)
+  padded_y, padded_vjp = jax.vjp(lambda x, w: layers.conv_padded(x, w, stride), x, w)
+  assert padded_y.shape == y.shape
+  np.testing.assert_allclose(padded_y, y, rtol=1e-6, atol=1e-6 * float(np.abs(y).max()))
+  dy = jax.random.normal(jax.random.PRNGKey(2), y.shape)
+  for a, b in zip(padded_vjp(dy), valid_vjp(dy)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * float(np.abs(b).max()))
+
+
+@pytest.mark.parametrize("size,kernel,stride,expected", [
+    (10, 3, 1, True), (9, 3, 1, False), (16, 1, 1, False), (34, 4, 2, False)])
+def test_conv_padded_for_stride_1_kernels_onto_8x8_outputs_or_more(size, kernel, stride, expected):
+  x = jnp.zeros((1, size, size, 4))
+  assert layers._uses_padded(x, jnp.zeros((kernel, kernel, 4, 4)), stride) == expected
 
 
 def test_conv_weight_grad_auto_is_matmul_on_cpu_only_and_checked():
