@@ -145,8 +145,9 @@ def conv_valid(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
 
 
 def conv_padded(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-  """`conv_valid` computed with one zero row padded below the input and the extra output row dropped:
-  the same values, on XLA:CPU's much faster path for padded convolutions (PADDED_MIN_POSITIONS)."""
+  """`conv_valid` computed with `stride` zero rows padded below the input and the extra output row
+  dropped: the same values, on XLA:CPU's much faster path for padded convolutions (PADDED_MIN_POSITIONS;
+  the "matmul" setting uses it at stride 1 only)."""
   out_h, _ = _conv_output_hw(x, kernel.shape[0], stride)
   y = jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((0, stride), (0, 0)),
                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
