@@ -40,7 +40,8 @@ def test_remat_changes_neither_outputs_nor_gradients():
     (12, 16, 3, 7, 1, 3),  # narrow, from too few inputs for output taps: conv_padded, XLA's gradients
     (3, 8, 16, 3, 1, 1),  # under 8x8 outputs: XLA's unpadded conv forward, tap-matmul kernel gradient
     (12, 32, 16, 3, 1, 1), (13, 32, 32, 4, 2, 1),  # few kernel columns: the forward as output taps
-    (6, 256, 16, 3, 1, 1), (8, 256, 32, 4, 2, 1)])  # 256 inputs: the forward as tap matmuls too
+    (6, 256, 16, 3, 1, 1), (8, 256, 32, 4, 2, 1),  # 256 inputs: the forward as tap matmuls too
+    (31, 128, 128, 3, 1, 1)])  # a wide 3x3 conv over 2 x 16 x 16 tiles: Winograd, forward and gradients
 def test_matmul_weight_gradient_equals_xla(size, features_in, features, kernel, stride, pad):
   x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size, features_in))
 
@@ -117,6 +118,40 @@ def test_conv_padded_equals_xla_unpadded_conv_with_its_gradients(size, kernel, s
 def test_conv_padded_for_stride_1_kernels_onto_8x8_outputs_or_more(size, kernel, stride, expected):
   x = jnp.zeros((1, size, size, 4))
   assert layers._uses_padded(x, jnp.zeros((kernel, kernel, 4, 4)), stride) == expected
+
+
+@pytest.mark.parametrize("height,width", [(18, 18), (9, 12), (3, 3), (7, 8)])
+def test_conv_winograd_equals_xla_conv_with_its_gradients(height, width):
+  # Even and odd output sizes (an odd one runs on one zero row or column more, whose outputs are dropped);
+  # every tile position and both gradients, against XLA's convolution.
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, height, width, 6))
+  w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 6, 5))
+  y, xla_vjp = jax.vjp(lambda x, w: layers.conv_valid(x, w, 1), x, w)
+  winograd_y, winograd_vjp = jax.vjp(layers.conv_winograd, x, w)
+  assert winograd_y.shape == y.shape
+  # The transforms add up to 4 terms twice over: float32 rounding of a few times each array's max.
+  np.testing.assert_allclose(winograd_y, y, rtol=1e-5, atol=1e-6 * float(np.abs(y).max()))
+  dy = jax.random.normal(jax.random.PRNGKey(2), y.shape)
+  for a, b in zip(winograd_vjp(dy), xla_vjp(dy)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.abs(b).max()))
+
+
+def test_conv_winograd_refuses_other_kernel_sizes():
+  with pytest.raises(ValueError, match="3x3"):
+    layers.conv_winograd(jnp.zeros((1, 8, 8, 2)), jnp.zeros((4, 4, 2, 2)))
+
+
+@pytest.mark.parametrize("batch,size,features_in,features,kernel,stride,dtype,expected", [
+    (8, 18, 256, 256, 3, 1, jnp.float32, True), (4, 18, 128, 128, 3, 1, jnp.float32, True),
+    (1, 34, 128, 256, 3, 1, jnp.float32, True), (1, 33, 128, 128, 3, 1, jnp.float32, True),
+    (1, 18, 256, 256, 3, 1, jnp.float32, False),  # 64 tiles: too few
+    (8, 18, 64, 256, 3, 1, jnp.float32, False), (8, 18, 256, 64, 3, 1, jnp.float32, False),  # too narrow
+    (8, 18, 256, 256, 4, 1, jnp.float32, False), (8, 34, 256, 256, 3, 2, jnp.float32, False),
+    (8, 18, 256, 256, 3, 1, jnp.bfloat16, False)])
+def test_winograd_for_wide_3x3_stride_1_convs_over_enough_tiles(batch, size, features_in, features, kernel,
+                                                                 stride, dtype, expected):
+  x = jnp.zeros((batch, size, size, features_in), dtype)
+  assert layers._uses_winograd(x, jnp.zeros((kernel, kernel, features_in, features), dtype), stride) == expected
 
 
 def test_conv_weight_grad_auto_is_matmul_on_cpu_only_and_checked():
