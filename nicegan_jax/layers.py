@@ -76,7 +76,8 @@ OUTPUT_TAPS_MAX_PADDED_ALTERNATIVE = 2 ** 23
 # over the batch). Whole train steps with it against without, same process (ch 64 unless said): 64x64
 # batch 8 1.26x faster, 128x128 batch 8 1.17x, 128x128 batch 1 1.14x, ch 32 batch 4 1.09x; at 64x64
 # batch 1 (64 tiles per residual conv) 0.99x, hence the tile floor. Convs to or from 64 channels were
-# slower this way (a 3x3 conv 128 -> 64 at 32x32, batch 8, forward and gradients: 21 ms against 43 ms).
+# slower this way (a 3x3 conv 128 -> 64 at 32x32, batch 8, forward and gradients: 43 ms as Winograd,
+# 21 ms otherwise).
 WINOGRAD_MIN_FEATURES = 128
 WINOGRAD_MIN_TILES = 256
 
@@ -336,13 +337,12 @@ def _conv_winograd_bwd(residuals, dy):
                             _unstack_16(_batched_matmul(dproducts, kernels, (2, 2)), tiles))
   # Tile (i, j) read x[2i + a, 2j + b]: its gradient goes back to block (i + a // 2, j + b // 2), offset
   # (a % 2, b % 2) within the block; four tile positions share each offset.
-  offsets = []
+  offsets = []  # offsets[pa][pb]: (N, TH + 1, TW + 1, C), the gradient at x[:, 2r + pa, 2s + pb]
   for pa in range(2):
     row = []
     for pb in range(2):
       row.append(sum(jnp.pad(dtiles[2 * oa + pa][2 * ob + pb], ((0, 0), (oa, 1 - oa), (ob, 1 - ob), (0, 0)))
                      for oa in range(2) for ob in range(2)))
-      # each (N, TH + 1, TW + 1, C)
     offsets.append(jnp.stack(row, axis=3))
   dx = jnp.stack(offsets, axis=2).reshape(x.shape).astype(x.dtype)
   return dx, dkernel
