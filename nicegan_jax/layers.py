@@ -280,13 +280,14 @@ def _winograd_tiles(x: jax.Array, tiles_hw: tuple[int, int]) -> list:
 
 
 def _stack_16(grid: list) -> jax.Array:
-  """A 4x4 grid of (N, TH, TW, C) arrays -> (16, N*TH*TW, C), the batch of matrices the matmuls take."""
+  """A 4x4 grid of (..., C) arrays (tiles (N, TH, TW, C) or kernels (C, O)) -> (16, rows, C), the batch of
+  matrices the matmuls take."""
   return jnp.stack([t.reshape(-1, t.shape[-1]) for row in grid for t in row])
 
 
-def _unstack_16(stacked: jax.Array, tile_shape: tuple[int, ...]) -> list:
-  """The inverse of `_stack_16`."""
-  return [[stacked[4 * i + j].reshape(*tile_shape, -1) for j in range(4)] for i in range(4)]
+def _unstack_16(stacked: jax.Array, leading_shape: tuple[int, ...]) -> list:
+  """The inverse of `_stack_16`: each matrix back to `leading_shape` + its last axis."""
+  return [[stacked[4 * i + j].reshape(*leading_shape, -1) for j in range(4)] for i in range(4)]
 
 
 def _winograd_operands(x: jax.Array, kernel: jax.Array):
@@ -294,8 +295,7 @@ def _winograd_operands(x: jax.Array, kernel: jax.Array):
   n, h, w, _ = x.shape
   tiles = (n, (h - 2) // 2, (w - 2) // 2)
   inputs = _stack_16(_along_both_axes(_winograd_input, _winograd_tiles(x, tiles[1:])))
-  kernels = jnp.stack([u for row in _along_both_axes(_winograd_kernel, [[kernel[a, b] for b in range(3)]
-                                                                       for a in range(3)]) for u in row])
+  kernels = _stack_16(_along_both_axes(_winograd_kernel, [[kernel[a, b] for b in range(3)] for a in range(3)]))
   return inputs, kernels, tiles
 
 
@@ -330,8 +330,7 @@ def _conv_winograd_bwd(residuals, dy):
   dproducts = _stack_16(_along_both_axes(_winograd_output_transposed,
                                          [[dy_blocks[:, :, a, :, b] for b in range(2)] for a in range(2)]))
   dkernels = _batched_matmul(inputs, dproducts, (1, 1))  # (16, C, O)
-  dkernel = _along_both_axes(_winograd_kernel_transposed,
-                             [[dkernels[4 * i + j] for j in range(4)] for i in range(4)])
+  dkernel = _along_both_axes(_winograd_kernel_transposed, _unstack_16(dkernels, dkernels.shape[1:2]))
   dkernel = jnp.stack([jnp.stack(row) for row in dkernel]).astype(kernel.dtype)
   dtiles = _along_both_axes(_winograd_input_transposed,
                             _unstack_16(_batched_matmul(dproducts, kernels, (2, 2)), tiles))
