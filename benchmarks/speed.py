@@ -155,8 +155,17 @@ def time_torch(config, *, steps: int, warmup: int) -> float:
   return statistics.median(times)
 
 
+def keep_off_winograd() -> None:
+  """Keeps every conv off Winograd's F(2x2, 3x3) in the CPU setting (`--no_winograd`): the baseline that
+  measures what it gains. Must run before the step is traced."""
+  from nicegan_jax import layers
+  layers.WINOGRAD_MIN_TILES = sys.maxsize
+
+
 def measure(args) -> dict:
   from nicegan_jax import models as models_lib
+  if args.no_winograd:
+    keep_off_winograd()
   config = make_config(args)
   train = time_train(config, steps=args.steps, warmup=args.warmup)
   device = jax.devices()[0]
@@ -166,7 +175,7 @@ def measure(args) -> dict:
       "img_size": args.img_size, "ch": args.ch, "n_res": args.n_res, "n_dis": args.n_dis,
       "light": not args.full, "batch": args.batch, "dtype": args.dtype, "remat": args.remat,
       "conv_weight_grad": models_lib.conv_weight_grad_for(args.conv_weight_grad),
-      "steps_per_dispatch": args.steps_per_dispatch,
+      "steps_per_dispatch": args.steps_per_dispatch, "winograd": not args.no_winograd,
       "compile_s": train["compile_s"], "step_s_median": train["step_s_median"],
       "step_s_min": train["step_s_min"], "train_iter_per_s": 1.0 / train["step_s_median"],
       "step_s_pipelined": train["step_s_pipelined"],
@@ -224,6 +233,8 @@ def parse(argv=None):
   p.add_argument("--conv_weight_grad", default="auto", choices=["auto", "xla", "matmul"],
                  help="how conv gradients are computed (auto: matmul on CPU, xla on GPU/TPU)")
   p.add_argument("--steps_per_dispatch", type=int, default=1)
+  p.add_argument("--no_winograd", action="store_true",
+                 help="CPU setting: run no 3x3 conv as Winograd's F(2x2, 3x3), to measure what it gains")
   p.add_argument("--devices", type=int, default=1, help="data-parallel devices (-1 = all)")
   p.add_argument("--steps", type=int, default=10, help="timed steps")
   p.add_argument("--warmup", type=int, default=2)

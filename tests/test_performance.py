@@ -288,4 +288,13 @@ def test_speed_benchmark_reports_every_field(capsys):
   assert set(result["translate_img_per_s"]) == {"1", "32"}
   assert result["translate_img_per_s_one_call"] > 0
   assert result["n_dis"] == 6 and result["light"] is True and result["backend"] == "cpu"
-  assert result["conv_weight_grad"] == "xla"
+  assert result["conv_weight_grad"] == "xla" and result["winograd"] is True
+
+
+def test_speed_benchmark_can_keep_convs_off_winograd(monkeypatch):
+  from benchmarks import speed
+  wide = (jnp.zeros((8, 18, 18, 256)), jnp.zeros((3, 3, 256, 256)), 1)
+  assert layers._uses_winograd(*wide)
+  monkeypatch.setattr(layers, "WINOGRAD_MIN_TILES", layers.WINOGRAD_MIN_TILES)  # restored after the test
+  speed.keep_off_winograd()
+  assert not layers._uses_winograd(*wide)
