@@ -35,6 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.lr = 1e-4  # both G and D
+  config.optimizer.disc_lr_scale = 1.0  # D's lr = lr * this (1: the original; > 1: a faster D, TTUR)
   config.optimizer.b1 = 0.5
   config.optimizer.b2 = 0.999
   config.optimizer.eps = 1e-8

@@ -66,6 +66,7 @@ def validate(config) -> None:
   for name in ("adv_weight", "cycle_weight", "recon_weight"):
     _require(config.loss[name] >= 0, f"loss.{name}", config.loss[name], "must be >= 0")
   _require(o.lr > 0, "optimizer.lr", o.lr, "must be > 0")
+  _require(o.get("disc_lr_scale", 1.0) > 0, "optimizer.disc_lr_scale", o.get("disc_lr_scale"), "must be > 0")
   _require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optimizer.b1/b2", (o.b1, o.b2), "must lie in [0, 1)")
   _require(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "must be >= 0")
   _require(o.decay_start_step < t.num_steps, "optimizer.decay_start_step", o.decay_start_step,

@@ -135,13 +135,13 @@ def generator_update(state: TrainState, batch: dict[str, jax.Array], *, models: 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, models: Models,
                g_tx: optax.GradientTransformation, d_tx: optax.GradientTransformation,
                lr_fn: Callable[[jax.Array], jax.Array], adv_weight: float, cycle_weight: float,
-               recon_weight: float) -> tuple[TrainState, dict[str, jax.Array]]:
+               recon_weight: float, disc_lr_scale: float = 1.0) -> tuple[TrainState, dict[str, jax.Array]]:
   """One iteration: D update on detached fakes, then G update against the updated discriminators."""
   state, d_metrics = discriminator_update(state, batch, models=models, d_tx=d_tx, adv_weight=adv_weight)
   state, g_metrics = generator_update(state, batch, models=models, g_tx=g_tx, adv_weight=adv_weight,
                                       cycle_weight=cycle_weight, recon_weight=recon_weight)
   lr = lr_fn(state.step + 1)
-  metrics = {**d_metrics, **g_metrics, "lr/G": lr, "lr/D": lr}
+  metrics = {**d_metrics, **g_metrics, "lr/G": lr, "lr/D": lr * disc_lr_scale}
   return state.replace(step=state.step + 1), metrics
 
 
@@ -161,7 +161,8 @@ def make_train_step(config, models: Models) -> Callable[[TrainState, dict], tupl
       train_step, models=models, g_tx=g_tx, d_tx=d_tx,
       lr_fn=train_state_lib.learning_rate_fn(config.optimizer, config.train.num_steps),
       adv_weight=float(config.loss.adv_weight), cycle_weight=float(config.loss.cycle_weight),
-      recon_weight=float(config.loss.recon_weight))
+      recon_weight=float(config.loss.recon_weight),
+      disc_lr_scale=train_state_lib.disc_lr_scale(config.optimizer))
   if config.train.get("steps_per_dispatch", 1) > 1:
     return functools.partial(scan_steps, one_step)
   return one_step

@@ -54,22 +54,27 @@ def learning_rate(step: jax.Array, *, base_lr: float, num_steps: int, decay: boo
   return base_lr * jnp.where(step > decay_start_step, frac, 1.0)
 
 
-def learning_rate_fn(opt_config, num_steps: int):
-  """The schedule of `config.optimizer` as a function of the 1-based iteration number."""
+def learning_rate_fn(opt_config, num_steps: int, lr_scale: float = 1.0):
+  """The schedule of `config.optimizer` (its lr times `lr_scale`) as a function of the 1-based step."""
   start = opt_config.decay_start_step
   if start < 0:
     start = num_steps // 2
-  return lambda step: learning_rate(step, base_lr=opt_config.lr, num_steps=num_steps,
+  return lambda step: learning_rate(step, base_lr=opt_config.lr * lr_scale, num_steps=num_steps,
                                     decay=opt_config.decay_flag, decay_start_step=start)
 
 
-def create_optimizer(opt_config, num_steps: int) -> optax.GradientTransformation:
+def disc_lr_scale(opt_config) -> float:
+  """D's learning rate over G's: 1 in the original (configs written before the option lack it)."""
+  return float(opt_config.get("disc_lr_scale", 1.0))
+
+
+def create_optimizer(opt_config, num_steps: int, lr_scale: float = 1.0) -> optax.GradientTransformation:
   """grad + wd * param (coupled L2), then Adam(b1, b2, eps), then the scheduled learning rate.
 
   optax's schedule receives the number of updates already made (0-based), the original's iteration
   number is that plus one.
   """
-  lr_fn = learning_rate_fn(opt_config, num_steps)
+  lr_fn = learning_rate_fn(opt_config, num_steps, lr_scale)
   return optax.chain(
       optax.add_decayed_weights(opt_config.weight_decay),
       optax.scale_by_adam(b1=opt_config.b1, b2=opt_config.b2, eps=opt_config.eps),
@@ -112,6 +117,9 @@ def create_train_state(config, rng: jax.Array, models: models_lib.Models | None 
 
 
 def optimizers(config) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
-  """(G optimiser, D optimiser): independent, same hyper-parameters, as the original."""
-  tx = create_optimizer(config.optimizer, config.train.num_steps)
-  return tx, tx
+  """(G optimiser, D optimiser): independent; the same hyper-parameters, as the original, unless
+  `optimizer.disc_lr_scale` sets D's learning rate apart (the two time-scale update rule, TTUR)."""
+  num_steps = config.train.num_steps
+  scale = disc_lr_scale(config.optimizer)
+  return (create_optimizer(config.optimizer, num_steps),
+          create_optimizer(config.optimizer, num_steps, lr_scale=scale))

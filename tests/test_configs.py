@@ -30,7 +30,7 @@ def test_paper_defaults():
   assert config.model.light and config.train.batch_size == 1
   assert (config.loss.adv_weight, config.loss.cycle_weight, config.loss.recon_weight) == (1, 10, 10)
   assert (config.optimizer.lr, config.optimizer.b1, config.optimizer.b2) == (1e-4, 0.5, 0.999)
-  assert config.optimizer.weight_decay == 1e-4
+  assert config.optimizer.weight_decay == 1e-4 and config.optimizer.disc_lr_scale == 1.0
   assert not importlib.import_module("configs.full").get_config().model.light
 
 
@@ -47,6 +47,7 @@ def test_paper_defaults():
     ("train.batch_size", 0, "must be >= 1"),
     ("train.log_every_steps", 0, "must be >= 1"),
     ("optimizer.lr", 0.0, "must be > 0"),
+    ("optimizer.disc_lr_scale", 0.0, "must be > 0"),
     ("optimizer.decay_start_step", 400_000, "below train.num_steps"),
 ])
 def test_bad_values_are_named(field, value, message, tmp_path):

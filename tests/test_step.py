@@ -23,6 +23,7 @@ def random_batch(seed, batch_size, img_size):
 def setup():
   config = test_config.get_config()
   config.train.num_steps = 100  # keep the lr constant over the few steps run here
+  config.optimizer.disc_lr_scale = 2.0  # D's own rate (the default 1 is the torch parity test's)
   models = models_lib.create_models(config.model)
   # Placed as the jitted step wants it: a differently-placed argument would compile the step again.
   mesh = sharding.create_mesh(devices=jax.devices()[:1])
@@ -113,6 +114,7 @@ def test_metrics_name_every_term_and_are_finite(one_step):
   g_sum += 10 * sum(float(metrics[f"G/{t}_{d}"]) for t in ("cycle", "recon") for d in "AB")
   assert float(metrics["G/loss"]) == pytest.approx(g_sum, rel=1e-6)
   assert float(metrics["lr/G"]) == pytest.approx(1e-4)
+  assert float(metrics["lr/D"]) == pytest.approx(2e-4)
 
 
 def test_power_iteration_advances_four_times_per_step(one_step):

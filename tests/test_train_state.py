@@ -81,3 +81,21 @@ def test_optimizer_schedule_counts_from_the_first_iteration():
     updates, opt_state = tx.update(jnp.ones(()), opt_state, p)
     sizes.append(-float(updates))
   np.testing.assert_allclose(sizes, [0.75e-4, 0.5e-4, 0.25e-4, 0.0], rtol=1e-5, atol=1e-12)
+
+
+def test_disc_lr_scale_sets_only_the_discriminator_learning_rate():
+  config = default.get_config()
+  config.optimizer.weight_decay = 0.0
+  config.optimizer.decay_flag = False
+  p = jnp.zeros(())
+  sizes = {}
+  for scale in (1.0, 4.0):
+    config.optimizer.disc_lr_scale = scale
+    g_tx, d_tx = train_state.optimizers(config)
+    for name, tx in (("G", g_tx), ("D", d_tx)):
+      updates, _ = tx.update(jnp.ones(()), tx.init(p), p)  # Adam's first step moves by lr exactly
+      sizes[name, scale] = -float(updates)
+  np.testing.assert_allclose([sizes["G", 1.0], sizes["D", 1.0], sizes["G", 4.0], sizes["D", 4.0]],
+                             [1e-4, 1e-4, 1e-4, 4e-4], rtol=1e-5)
+  del config.optimizer["disc_lr_scale"]  # a config written before the option: the original's equal rates
+  assert train_state.disc_lr_scale(config.optimizer) == 1.0
