@@ -34,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.recon_weight = 10.0  # L1(A -> A through disA's encoder and gen2A, A)
 
   config.optimizer = ml_collections.ConfigDict()
-  config.optimizer.lr = 1e-4  # both G and D
+  config.optimizer.lr = 1e-4  # G and D (D times disc_lr_scale)
   config.optimizer.disc_lr_scale = 1.0  # D's lr = lr * this (1: the original; > 1: a faster D, TTUR)
   config.optimizer.b1 = 0.5
   config.optimizer.b2 = 0.999
