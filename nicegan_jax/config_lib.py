@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pathlib
 
-from nicegan_jax import datasets, layers
+from nicegan_jax import datasets, layers, train_state
 from nicegan_jax.models import discriminator_feature_sizes
 
 CYCLE_GAN_NAMES = ("apple2orange", "summer2winter_yosemite", "horse2zebra", "monet2photo",
@@ -66,7 +66,8 @@ def validate(config) -> None:
   for name in ("adv_weight", "cycle_weight", "recon_weight"):
     _require(config.loss[name] >= 0, f"loss.{name}", config.loss[name], "must be >= 0")
   _require(o.lr > 0, "optimizer.lr", o.lr, "must be > 0")
-  _require(o.get("disc_lr_scale", 1.0) > 0, "optimizer.disc_lr_scale", o.get("disc_lr_scale"), "must be > 0")
+  scale = train_state.disc_lr_scale(o)
+  _require(scale > 0, "optimizer.disc_lr_scale", scale, "must be > 0")
   _require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optimizer.b1/b2", (o.b1, o.b2), "must lie in [0, 1)")
   _require(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "must be >= 0")
   _require(o.decay_start_step < t.num_steps, "optimizer.decay_start_step", o.decay_start_step,
