@@ -16,7 +16,8 @@ drawn in the test horses' boxes, `drawn_in_box`: what the bars ask of a translat
 grid and a JSON file (<workdir>/benchmark.json).
 Pass: judge >= 0.8, IoU >= 0.6, KIDx100 <= 3 — together, since each alone is easy to fool.
 
-  python -m benchmarks.horse2zebra_mini --workdir=runs/horse2zebra_mini
+  python -m benchmarks.horse2zebra_mini --workdir=runs/horse2zebra_mini               # the original's recipe
+  python -m benchmarks.horse2zebra_mini --config=configs/animal_horse2zebra.py:tuned --workdir=...  # passes
   python -m benchmarks.horse2zebra_mini --workdir=... --config.train.num_steps=4000   # train longer
   python -m benchmarks.horse2zebra_mini --workdir=... --eval_only                     # score as is
   python -m benchmarks.horse2zebra_mini --workdir=... --eval_only --every_checkpoint  # and each kept one

@@ -6,12 +6,14 @@ import subprocess
 import sys
 
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from conftest import ROOT
 from nicegan_jax import config_lib
 
 CONFIGS = ("default", "test", "demo", "selfie2anime", "cat2dog", "full", "horse2zebra",
-           "summer2winter", "vangogh2photo")
+           "summer2winter", "vangogh2photo", "animal_horse2zebra")
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -32,6 +34,30 @@ def test_paper_defaults():
   assert (config.optimizer.lr, config.optimizer.b1, config.optimizer.b2) == (1e-4, 0.5, 0.999)
   assert config.optimizer.weight_decay == 1e-4 and config.optimizer.disc_lr_scale == 1.0
   assert not importlib.import_module("configs.full").get_config().model.light
+
+
+def test_animal_horse2zebra_recipes_differ_only_in_the_tuned_values():
+  module = importlib.import_module("configs.animal_horse2zebra")
+  faithful, tuned = module.get_config(), module.get_config("tuned")
+  assert faithful.to_dict() == module.get_config("faithful").to_dict()
+  assert (faithful.data.resize_margin, faithful.train.batch_size, faithful.optimizer.lr) == (8, 1, 1e-4)
+  assert (tuned.data.resize_margin, tuned.train.batch_size, tuned.optimizer.lr) == (0, 4, 2e-4)
+  assert (faithful.train.num_steps, tuned.train.num_steps) == (3000, 4500)
+  for config in (faithful, tuned):
+    config.data.resize_margin, config.train.batch_size, config.optimizer.lr = 0, 0, 0.0
+    config.train.num_steps = 0
+  assert faithful.to_dict() == tuned.to_dict()  # the model, losses and schedule are the same
+  config_lib.validate(module.get_config("tuned"))
+  with pytest.raises(ValueError, match="unknown recipe; use one of faithful, tuned"):
+    module.get_config("fast")
+
+
+def test_a_recipe_is_chosen_on_the_command_line():
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", flag_values=flag_values)
+  flag_values(["benchmark", f"--config={ROOT / 'configs' / 'animal_horse2zebra.py'}:tuned"])
+  config = flag_values.config
+  assert config.train.batch_size == 4 and config.data.resize_margin == 0
 
 
 @pytest.mark.parametrize("field,value,message", [
