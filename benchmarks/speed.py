@@ -202,21 +202,47 @@ def measure(args) -> dict:
   return result
 
 
+def _options(r: dict) -> str:
+  """The row's settings that differ from the defaults, as words."""
+  default_grad = "matmul" if r.get("backend") == "cpu" else "xla"
+  options = [name for name, on in (
+      ("remat", r["remat"]),
+      (f"{r.get('conv_weight_grad')} conv grads", r.get("conv_weight_grad", default_grad) != default_grad),
+      ("no Winograd", r.get("backend") == "cpu" and r.get("winograd") is False),
+      (f"{r['steps_per_dispatch']} steps/dispatch", r["steps_per_dispatch"] > 1),
+      (f"{r['devices']} devices", r.get("devices", 1) > 1)) if on]
+  return ", ".join(options) or "-"
+
+
+def _three_digits(x: float) -> str:
+  """Three significant digits, trailing zeros kept (2.10, 0.0596, 51.3, 214)."""
+  return f"{x:.0f}" if x >= 100 else f"{x:#.3g}"
+
+
+def _versus_torch(r: dict) -> str:
+  if "speedup_vs_torch" not in r:
+    return ""
+  ratio = r["speedup_vs_torch"]
+  return f"**{ratio:.2f}x faster**" if ratio > 1 else f"{ratio:.2f}x (slower)"
+
+
 def markdown_table(rows: list[dict]) -> str:
   """The README's table from JSON lines of this command."""
-  lines = ["| device | model | size | batch | dtype | options | train img/s | step (median) | "
-           "peak memory | vs PyTorch eager |", "|---|---|---|---|---|---|---|---|---|---|"]
+  lines = ["| device | model | size | batch | dtype | options | train it/s | train img/s | step (median) | "
+           "compile | peak memory | translate img/s (1 / 32) | % of chip peak | eager PyTorch step | "
+           "vs eager PyTorch |", "|" + "---|" * 15]
   for r in rows:
-    options = ", ".join(o for o, on in (("remat", r["remat"]),
-                                        (f"{r.get('conv_weight_grad')} weight grads",
-                                         r.get("conv_weight_grad") == "matmul"),
-                                        (f"{r['steps_per_dispatch']} steps/dispatch",
-                                         r["steps_per_dispatch"] > 1)) if on) or "-"
-    torch = f"{r['speedup_vs_torch']:.2f}x" if "speedup_vs_torch" in r else ""
+    translate = r.get("translate_img_per_s")
+    translate = f"{translate['1']:.1f} / {translate['32']:.1f}" if translate else ""
+    peak = f"{100 * r['peak_fraction']:.1f}%" if "peak_fraction" in r else ""
+    torch = f"{r['torch_step_s_median']:.2f} s" if "torch_step_s_median" in r else ""
+    step = r["step_s_median"]
+    step = f"{step:.2f} s" if step >= 1 else f"{step * 1e3:.1f} ms"
     lines.append(f"| {r['device']} | {'light' if r['light'] else 'full'} ch {r['ch']} | {r['img_size']} | "
-                 f"{r['batch']} | {r['dtype']} | {options} | {r['train_img_per_s']:.2f} | "
-                 f"{r['step_s_median'] * 1e3:.0f} ms | {r['peak_mem_bytes'] / 2**30:.2f} GiB "
-                 f"({r['peak_mem_kind']}) | {torch} |")
+                 f"{r['batch']} | {r['dtype']} | {_options(r)} | {_three_digits(r['train_iter_per_s'])} | "
+                 f"{_three_digits(r['train_img_per_s'])} | {step} | {r['compile_s']:.0f} s | "
+                 f"{r['peak_mem_bytes'] / 2**30:.1f} GiB ({r['peak_mem_kind']}) | {translate} | {peak} | "
+                 f"{torch} | {_versus_torch(r)} |")
   return "\n".join(lines)
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every row of the README's speed table for this machine, one process per row (peak memory is per
-# process), as JSON lines in $1 (default speed_table.jsonl). On CPU: 64x64 and 128x128 with the PyTorch
-# reference beside each row; on a GPU/TPU: 256x256, the rows behind the targets first.
+# process), as JSON lines in $1 (default speed_table.jsonl). On CPU: 64x64 and 128x128, light batch 1
+# and 8 and full batch 1, float32 and bfloat16, the PyTorch reference beside each float32 row;
+# on a GPU/TPU: 256x256, the rows behind the targets first.
 #   bash benchmarks/speed_table.sh [out.jsonl]
 # Environment: SPEED_TABLE_BUDGET_S=N starts no row with less than SPEED_TABLE_MIN_ROW_S (default 60)
 # seconds of the N left and stops a row that runs past them (for a leased accelerator's time limit);
@@ -27,7 +28,9 @@ if [ "$backend" = "cpu" ] && [ "${SPEED_TABLE_ROWS:-}" != "accelerator" ]; then
     row --img_size=$size --batch=1 --steps=5 --torch
     row --img_size=$size --batch=1 --steps=5 --dtype=bfloat16
     row --img_size=$size --batch=8 --steps=3 --torch --torch_steps=2
-    row --img_size=$size --batch=1 --steps=5 --full
+    row --img_size=$size --batch=8 --steps=3 --dtype=bfloat16 --no_translate
+    row --img_size=$size --batch=1 --steps=5 --full --torch
+    row --img_size=$size --batch=1 --steps=5 --full --dtype=bfloat16 --no_translate
   done
 else
   # The two targets (bfloat16 at batch 1: iterations/s; at batch 8: fraction of peak), then float32,

@@ -298,3 +298,29 @@ def test_speed_benchmark_can_keep_convs_off_winograd(monkeypatch):
   monkeypatch.setattr(layers, "WINOGRAD_MIN_TILES", layers.WINOGRAD_MIN_TILES)  # restored after the test
   speed.keep_off_winograd()
   assert not layers._uses_winograd(*wide)
+
+
+def test_speed_table_shows_each_rows_measurements_and_non_default_options():
+  from benchmarks import speed
+  base = {"img_size": 64, "ch": 64, "light": True, "batch": 8, "dtype": "float32", "remat": False,
+          "steps_per_dispatch": 1, "devices": 1, "winograd": True, "compile_s": 96.4,
+          "step_s_median": 4.97, "train_iter_per_s": 1 / 4.97, "train_img_per_s": 16 / 4.97,
+          "peak_mem_bytes": 5.2 * 2**30, "peak_mem_kind": "peak RSS"}
+  cpu = dict(base, backend="cpu", device="cpu", conv_weight_grad="matmul", torch_step_s_median=7.02,
+             speedup_vs_torch=7.02 / 4.97, translate_img_per_s={"1": 23.04, "32": 43.9})
+  cpu_slow = dict(cpu, conv_weight_grad="xla", winograd=False, speedup_vs_torch=0.74)
+  gpu = dict(base, backend="gpu", device="NVIDIA H200", conv_weight_grad="xla", remat=True,
+             steps_per_dispatch=10, step_s_median=0.0125, peak_fraction=0.412)
+  header, rule, *lines = speed.markdown_table([cpu, cpu_slow, gpu]).splitlines()
+  assert header.count("|") == rule.count("|") == lines[0].count("|") == 16
+  cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+  columns = [c.strip() for c in header.strip("|").split("|")]
+  row = dict(zip(columns, cells[0]))
+  assert row["options"] == "-" and row["step (median)"] == "4.97 s" and row["train img/s"] == "3.22"
+  assert row["vs eager PyTorch"] == "**1.41x faster**" and row["eager PyTorch step"] == "7.02 s"
+  assert row["translate img/s (1 / 32)"] == "23.0 / 43.9" and row["peak memory"] == "5.2 GiB (peak RSS)"
+  slow = dict(zip(columns, cells[1]))
+  assert slow["options"] == "xla conv grads, no Winograd" and slow["vs eager PyTorch"] == "0.74x (slower)"
+  accel = dict(zip(columns, cells[2]))
+  assert accel["options"] == "remat, 10 steps/dispatch" and accel["step (median)"] == "12.5 ms"
+  assert accel["% of chip peak"] == "41.2%" and accel["vs eager PyTorch"] == ""
