@@ -7,7 +7,9 @@ back as the training loop runs them ("pipelined"), train images/s (one A plus on
 element), translate images/s at batch 1 and 32, peak device memory (peak RSS on CPU), the FLOPs of one
 step from XLA's cost analysis and, on GPU/TPU, the fraction of the chip's peak FLOP/s it reaches.
 `--torch` also times the PyTorch reference (tests/torch_reference.py, eager, same sizes, CPU) in the
-same process, and reports our speed-up over it.
+same process, and reports our speed-up over it. `--loop N` also times the training loop itself over
+about N steps (main.py's loop on Animal-MNIST: the input pipeline, `train.prefetch`, metrics and logging)
+and reports what it adds per step to the same step fed one fixed batch.
 
   python -m benchmarks.speed --img_size=64 --ch=32 --batch=1 [--dtype=bfloat16] [--json] [--torch]
 """
@@ -46,6 +48,8 @@ def make_config(args):
   m.img_size, m.ch, m.n_res, m.n_dis, m.light = args.img_size, args.ch, args.n_res, args.n_dis, not args.full
   m.dtype, m.remat, m.conv_weight_grad = args.dtype, args.remat, args.conv_weight_grad
   t.batch_size, t.steps_per_dispatch = args.batch, args.steps_per_dispatch
+  if args.prefetch is not None:
+    t.prefetch = args.prefetch
   t.num_steps = 1_000_000
   config.mesh.data = args.devices
   return config
@@ -155,6 +159,31 @@ def time_torch(config, *, steps: int, warmup: int) -> float:
   return statistics.median(times)
 
 
+LOOP_INTERVALS = 5  # log intervals of a --loop run; the first (warm-up) is not counted
+
+
+def time_loop(config, steps: int) -> dict:
+  """Steps/s of the training loop itself, as main.py runs it (`train.train_and_evaluate`: the grain input
+  pipeline, `train.prefetch`, metrics, logging), over `steps` steps on Animal-MNIST horse -> zebra at the
+  config's sizes, in a scratch workdir: the median rate of its log intervals after the first."""
+  import shutil
+  import tempfile
+  from nicegan_jax import train as train_lib
+  loop = config.copy_and_resolve_references()
+  t, k = loop.train, loop.train.steps_per_dispatch
+  every = max(k, steps // LOOP_INTERVALS // k * k)
+  t.num_steps, t.log_every_steps = every * LOOP_INTERVALS, every
+  t.checkpoint_every_steps = t.sample_every_steps = t.eval_every_steps = 0  # only at the end, after timing
+  loop.data.dataset = "animal_mnist/horse2zebra"
+  rates = []
+  workdir = tempfile.mkdtemp(prefix="speed_loop_")
+  try:
+    train_lib.train_and_evaluate(loop, workdir, on_log=lambda step, s: rates.append(s["steps_per_sec"]))
+  finally:
+    shutil.rmtree(workdir, ignore_errors=True)
+  return {"loop_steps": t.num_steps, "loop_step_s": 1.0 / statistics.median(rates[1:])}
+
+
 def keep_off_winograd() -> None:
   """Keeps every conv off Winograd's F(2x2, 3x3) in the CPU setting (`--no_winograd`): the baseline that
   measures what it gains. Must run before the step is traced."""
@@ -176,6 +205,7 @@ def measure(args) -> dict:
       "light": not args.full, "batch": args.batch, "dtype": args.dtype, "remat": args.remat,
       "conv_weight_grad": models_lib.conv_weight_grad_for(args.conv_weight_grad),
       "steps_per_dispatch": args.steps_per_dispatch, "winograd": not args.no_winograd,
+      "prefetch": config.train.prefetch,
       "compile_s": train["compile_s"], "step_s_median": train["step_s_median"],
       "step_s_min": train["step_s_min"], "train_iter_per_s": 1.0 / train["step_s_median"],
       "step_s_pipelined": train["step_s_pipelined"],
@@ -194,6 +224,11 @@ def measure(args) -> dict:
                                      for b in (1, 32)}
     result["translate_img_per_s_one_call"] = time_translate(config, train["models"], train["state"], 32,
                                                             args.translate_repeats, one_call=True)
+  if args.loop:
+    result.update(time_loop(config, args.loop))
+    # The loop against the same step fed one fixed device batch, dispatched back to back: what the
+    # input pipeline, metrics and logging cost per step.
+    result["loop_overhead_fraction"] = 1.0 - train["step_s_pipelined"] / result["loop_step_s"]
   result["peak_mem_bytes"], result["peak_mem_kind"] = peak_memory_bytes()
   if args.torch:
     torch_s = time_torch(config, steps=args.torch_steps, warmup=1)
@@ -226,23 +261,33 @@ def _versus_torch(r: dict) -> str:
   return f"**{ratio:.2f}x faster**" if ratio > 1 else f"{ratio:.2f}x (slower)"
 
 
+def _seconds(x: float) -> str:
+  return f"{x:.2f} s" if x >= 1 else f"{x * 1e3:.1f} ms"
+
+
 def markdown_table(rows: list[dict]) -> str:
-  """The README's table from JSON lines of this command."""
-  lines = ["| device | model | size | batch | dtype | options | train it/s | train img/s | step (median) | "
-           "compile | peak memory | translate img/s (1 / 32) | % of chip peak | eager PyTorch step | "
-           "vs eager PyTorch |", "|" + "---|" * 15]
+  """The README's table from JSON lines of this command (with a training-loop column when a row has
+  `--loop`)."""
+  loop = any("loop_step_s" in r for r in rows)
+  columns = ["device", "model", "size", "batch", "dtype", "options", "train it/s", "train img/s",
+             "step (median)", "compile", "peak memory", "translate img/s (1 / 32)", "% of chip peak",
+             "eager PyTorch step", "vs eager PyTorch"]
+  if loop:
+    columns[9:9] = ["step, back to back", "training loop step (prefetch)"]
+  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
   for r in rows:
     translate = r.get("translate_img_per_s")
-    translate = f"{translate['1']:.1f} / {translate['32']:.1f}" if translate else ""
-    peak = f"{100 * r['peak_fraction']:.1f}%" if "peak_fraction" in r else ""
-    torch = f"{r['torch_step_s_median']:.2f} s" if "torch_step_s_median" in r else ""
-    step = r["step_s_median"]
-    step = f"{step:.2f} s" if step >= 1 else f"{step * 1e3:.1f} ms"
-    lines.append(f"| {r['device']} | {'light' if r['light'] else 'full'} ch {r['ch']} | {r['img_size']} | "
-                 f"{r['batch']} | {r['dtype']} | {_options(r)} | {_three_digits(r['train_iter_per_s'])} | "
-                 f"{_three_digits(r['train_img_per_s'])} | {step} | {r['compile_s']:.0f} s | "
-                 f"{r['peak_mem_bytes'] / 2**30:.1f} GiB ({r['peak_mem_kind']}) | {translate} | {peak} | "
-                 f"{torch} | {_versus_torch(r)} |")
+    cells = [r["device"], f"{'light' if r['light'] else 'full'} ch {r['ch']}", r["img_size"], r["batch"],
+             r["dtype"], _options(r), _three_digits(r["train_iter_per_s"]), _three_digits(r["train_img_per_s"]),
+             _seconds(r["step_s_median"]), f"{r['compile_s']:.0f} s",
+             f"{r['peak_mem_bytes'] / 2**30:.1f} GiB ({r['peak_mem_kind']})",
+             f"{translate['1']:.1f} / {translate['32']:.1f}" if translate else "",
+             f"{100 * r['peak_fraction']:.1f}%" if "peak_fraction" in r else "",
+             _seconds(r["torch_step_s_median"]) if "torch_step_s_median" in r else "", _versus_torch(r)]
+    if loop:
+      cells[9:9] = [_seconds(r["step_s_pipelined"]),
+                    f"{_seconds(r['loop_step_s'])} ({r['prefetch']})" if "loop_step_s" in r else ""]
+    lines.append("| " + " | ".join(str(c) for c in cells) + " |")
   return "\n".join(lines)
 
 
@@ -262,6 +307,11 @@ def parse(argv=None):
   p.add_argument("--no_winograd", action="store_true",
                  help="CPU setting: run no 3x3 conv as Winograd's F(2x2, 3x3), to measure what it gains")
   p.add_argument("--devices", type=int, default=1, help="data-parallel devices (-1 = all)")
+  p.add_argument("--prefetch", type=int, default=None,
+                 help="train.prefetch for --loop: batches put on the device ahead (0 = off; default: the config's)")
+  p.add_argument("--loop", type=int, default=0, metavar="N",
+                 help="also time the training loop itself (input pipeline, prefetch, logging) over about N "
+                      "steps on Animal-MNIST")
   p.add_argument("--steps", type=int, default=10, help="timed steps")
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--translate_repeats", type=int, default=5)
@@ -301,6 +351,10 @@ def main(argv=None) -> int:
     print("translate img/s: " + "  ".join(f"batch {b}: {v:.1f}" for b, v in
                                           result["translate_img_per_s"].items()) +
           f"  (batch 32 in one call: {result['translate_img_per_s_one_call']:.1f})")
+  if "loop_step_s" in result:
+    print(f"training loop (prefetch {result['prefetch']}): {result['loop_step_s'] * 1e3:.1f} ms/step over "
+          f"{result['loop_steps']} steps, against {result['step_s_pipelined'] * 1e3:.1f} ms fed one fixed batch "
+          f"({100 * result['loop_overhead_fraction']:+.1f}%)")
   print(f"{result['peak_mem_kind']}: {result['peak_mem_bytes'] / 2**20:.0f} MiB")
   if "speedup_vs_torch" in result:
     print(f"PyTorch reference (eager): {result['torch_step_s_median'] * 1e3:.1f} ms/step -> "

@@ -6,8 +6,9 @@
 #   bash benchmarks/speed_table.sh [out.jsonl]
 # Environment: SPEED_TABLE_BUDGET_S=N starts no row with less than SPEED_TABLE_MIN_ROW_S (default 60)
 # seconds of the N left and stops a row that runs past them (for a leased accelerator's time limit);
-# SPEED_TABLE_ROWS=accelerator takes the accelerator rows on any backend and SPEED_TABLE_ARGS is
-# appended to every row, e.g. to try the script on a CPU:
+# SPEED_TABLE_ROWS picks the rows on any backend (cpu, accelerator, or options: remat, steps per
+# dispatch and prefetch, each against the same row without it) and SPEED_TABLE_ARGS is appended to
+# every row, e.g. to try the accelerator rows on a CPU:
 #   SPEED_TABLE_ROWS=accelerator SPEED_TABLE_ARGS="--img_size=64 --ch=8 --n_res=1 --steps=2" \
 #     bash benchmarks/speed_table.sh /tmp/rows.jsonl
 set -uo pipefail
@@ -23,7 +24,10 @@ row() {
   timeout "$left" python -m benchmarks.speed --json "$@" "${extra[@]}" >> "$out" || echo "failed: $*" >&2
 }
 backend=$(python -c "import jax; print(jax.default_backend())")
-if [ "$backend" = "cpu" ] && [ "${SPEED_TABLE_ROWS:-}" != "accelerator" ]; then
+rows="${SPEED_TABLE_ROWS:-}"
+[ -n "$rows" ] || rows=$([ "$backend" = "cpu" ] && echo cpu || echo accelerator)
+case "$rows" in
+cpu)
   for size in 64 128; do
     row --img_size=$size --batch=1 --steps=5 --torch
     row --img_size=$size --batch=1 --steps=5 --dtype=bfloat16
@@ -32,7 +36,8 @@ if [ "$backend" = "cpu" ] && [ "${SPEED_TABLE_ROWS:-}" != "accelerator" ]; then
     row --img_size=$size --batch=1 --steps=5 --full --torch
     row --img_size=$size --batch=1 --steps=5 --full --dtype=bfloat16 --no_translate
   done
-else
+  ;;
+accelerator)
   # The two targets (bfloat16 at batch 1: iterations/s; at batch 8: fraction of peak), then float32,
   # then the options. Translation speed on the first two batch-1 rows only (it compiles two programs).
   row --img_size=256 --batch=1 --steps=50 --dtype=bfloat16
@@ -44,5 +49,27 @@ else
   row --img_size=256 --batch=1 --steps=20 --dtype=float32 --full --no_translate
   row --img_size=256 --batch=8 --steps=20 --dtype=bfloat16 --remat --no_translate
   row --img_size=256 --batch=1 --steps=50 --dtype=bfloat16 --steps_per_dispatch=10 --remat --no_translate
-fi
+  ;;
+options)
+  # Each option against the same row without it, alternately, twice: remat (memory at batch 8), ten
+  # steps per dispatch (host overhead at batch 1, on the benchmark's ch 32 model), and prefetch (main.py's
+  # training loop with its input pipeline, against the same step fed one fixed batch).
+  for _ in 1 2; do
+    row --img_size=64 --batch=8 --steps=3 --no_translate
+    row --img_size=64 --batch=8 --steps=3 --no_translate --remat
+  done
+  for _ in 1 2; do
+    row --img_size=64 --ch=32 --n_res=4 --batch=1 --steps=30 --no_translate
+    row --img_size=64 --ch=32 --n_res=4 --batch=1 --steps=3 --steps_per_dispatch=10 --no_translate
+  done
+  for _ in 1 2; do
+    row --img_size=64 --ch=32 --n_res=4 --batch=1 --steps=10 --no_translate --loop=250 --prefetch=0
+    row --img_size=64 --ch=32 --n_res=4 --batch=1 --steps=10 --no_translate --loop=250 --prefetch=2
+  done
+  ;;
+*)
+  echo "SPEED_TABLE_ROWS=$rows: use cpu, accelerator or options" >&2
+  exit 2
+  ;;
+esac
 cat "$out"

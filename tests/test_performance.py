@@ -274,7 +274,8 @@ def test_stacked_groups_consecutive_batches():
 def test_speed_benchmark_reports_every_field(capsys):
   from benchmarks import speed
   argv = ["--img_size=64", "--ch=8", "--n_res=1", "--batch=2", "--steps=2", "--warmup=1",
-          "--translate_repeats=1", "--conv_weight_grad=xla", "--json"]  # xla: compiles faster at ch 8
+          "--translate_repeats=1", "--conv_weight_grad=xla", "--loop=12", "--prefetch=1",
+          "--json"]  # xla: compiles faster at ch 8
   args = speed.parse(argv)
   assert speed.main(argv) == 0
   result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -289,6 +290,9 @@ def test_speed_benchmark_reports_every_field(capsys):
   assert result["translate_img_per_s_one_call"] > 0
   assert result["n_dis"] == 6 and result["light"] is True and result["backend"] == "cpu"
   assert result["conv_weight_grad"] == "xla" and result["winograd"] is True
+  # --loop: main.py's training loop on real data, 5 log intervals of 2 steps (12 // 5 rounded down)
+  assert result["loop_steps"] == 10 and result["prefetch"] == 1 and result["loop_step_s"] > 0
+  assert result["loop_overhead_fraction"] == pytest.approx(1 - result["step_s_pipelined"] / result["loop_step_s"])
 
 
 def test_speed_benchmark_can_keep_convs_off_winograd(monkeypatch):
@@ -305,6 +309,7 @@ def test_speed_table_shows_each_rows_measurements_and_non_default_options():
   base = {"img_size": 64, "ch": 64, "light": True, "batch": 8, "dtype": "float32", "remat": False,
           "steps_per_dispatch": 1, "devices": 1, "winograd": True, "compile_s": 96.4,
           "step_s_median": 4.97, "train_iter_per_s": 1 / 4.97, "train_img_per_s": 16 / 4.97,
+          "step_s_pipelined": 4.9,
           "peak_mem_bytes": 5.2 * 2**30, "peak_mem_kind": "peak RSS"}
   cpu = dict(base, backend="cpu", device="cpu", conv_weight_grad="matmul", torch_step_s_median=7.02,
              speedup_vs_torch=7.02 / 4.97, translate_img_per_s={"1": 23.04, "32": 43.9})
@@ -324,3 +329,10 @@ def test_speed_table_shows_each_rows_measurements_and_non_default_options():
   accel = dict(zip(columns, cells[2]))
   assert accel["options"] == "remat, 10 steps/dispatch" and accel["step (median)"] == "12.5 ms"
   assert accel["% of chip peak"] == "41.2%" and accel["vs eager PyTorch"] == ""
+  assert "training loop step (prefetch)" not in columns  # only when a row timed the loop
+  looped = dict(cpu, loop_step_s=5.31, prefetch=0)
+  header, _, *lines = speed.markdown_table([cpu, looped]).splitlines()
+  columns = [c.strip() for c in header.strip("|").split("|")]
+  plain, loop = (dict(zip(columns, [c.strip() for c in line.strip("|").split("|")])) for line in lines)
+  assert len(columns) == 17 and loop["training loop step (prefetch)"] == "5.31 s (0)"
+  assert loop["step, back to back"] == "4.90 s" and plain["training loop step (prefetch)"] == ""
