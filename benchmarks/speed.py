@@ -4,8 +4,9 @@ Owns the speed benchmark: for a config (light/full, image size, batch, dtype, re
 dispatch, device count) it reports the compile time of the train step, median and min seconds per
 train step over N timed steps after warm-up (each waited for), the mean over N steps dispatched back to
 back as the training loop runs them ("pipelined"), train images/s (one A plus one B image per batch
-element), translate images/s at batch 1 and 32, peak device memory (peak RSS on CPU), the FLOPs of one
-step from XLA's cost analysis and, on GPU/TPU, the fraction of the chip's peak FLOP/s it reaches.
+element), translate images/s at batch 1 and 32, peak device memory (peak RSS on CPU), XLA's memory plan
+of the step, the FLOPs of one step from XLA's cost analysis and, on GPU/TPU, the fraction of the chip's
+peak FLOP/s it reaches.
 `--torch` also times the PyTorch reference (tests/torch_reference.py, eager, same sizes, CPU) in the
 same process, and reports our speed-up over it. `--loop N` also times the training loop itself over
 about N steps (main.py's loop on Animal-MNIST: the input pipeline, `train.prefetch`, metrics and logging)
@@ -23,6 +24,7 @@ import resource
 import statistics
 import sys
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -63,6 +65,22 @@ def peak_memory_bytes() -> tuple[int, str]:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
 
 
+def step_buffer_bytes(compiled) -> dict:
+  """XLA's memory plan of the compiled step on this backend: its temporary buffers (the activations kept
+  for the backward pass, and scratch) and all its buffers (arguments, outputs and temporaries, less the
+  outputs that reuse donated arguments). On a CPU the process's peak RSS also counts the compiler and
+  the runtime."""
+  try:
+    stats = compiled.memory_analysis()
+  except Exception:  # not every backend or version plans memory ahead
+    return {}
+  if stats is None:
+    return {}
+  temp = int(stats.temp_size_in_bytes)
+  total = stats.argument_size_in_bytes + stats.output_size_in_bytes + temp - stats.alias_size_in_bytes
+  return {"step_temp_bytes": temp, "step_buffer_bytes": int(total)}
+
+
 def random_batch(rng, config, stacked: int):
   size, b = config.model.img_size, config.train.batch_size
   shape = (stacked, b, size, size, 3) if stacked > 1 else (b, size, size, 3)
@@ -91,6 +109,7 @@ def time_train(config, *, steps: int, warmup: int) -> dict:
   compiled = step_fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
   flops = flops_of(compiled)
+  buffer_bytes = step_buffer_bytes(compiled)
   if k > 1:  # XLA's cost analysis counts a loop's body once: count one unstacked step (before XLA's
     # optimisations, which this saves compiling: ~3% below the compiled count on the tiny config)
     one = config.copy_and_resolve_references()
@@ -112,7 +131,8 @@ def time_train(config, *, steps: int, warmup: int) -> dict:
   jax.block_until_ready((state, metrics))
   pipelined = (time.perf_counter() - start) / (steps * k)
   return {"compile_s": compile_s, "step_s_median": statistics.median(times), "step_s_min": min(times),
-          "step_s_pipelined": pipelined, "flops_per_step": flops, "models": models, "state": state}
+          "step_s_pipelined": pipelined, "flops_per_step": flops, **buffer_bytes, "models": models,
+          "state": state}
 
 
 def time_translate(config, models, state, batch: int, repeats: int, *, one_call: bool = False) -> float:
@@ -212,6 +232,7 @@ def measure(args) -> dict:
       "train_iter_per_s_pipelined": 1.0 / train["step_s_pipelined"],
       "train_img_per_s": 2 * args.batch / train["step_s_median"],
       "flops_per_step": train["flops_per_step"],
+      **{k: train[k] for k in ("step_temp_bytes", "step_buffer_bytes") if k in train},
   }
   peak = chip_peak_flops(device)
   if peak and train["flops_per_step"]:
@@ -261,33 +282,51 @@ def _versus_torch(r: dict) -> str:
   return f"**{ratio:.2f}x faster**" if ratio > 1 else f"{ratio:.2f}x (slower)"
 
 
+def _gib(n: float) -> str:
+  return f"{n / 2**30:.2f} GiB"
+
+
 def _seconds(x: float) -> str:
   return f"{x:.2f} s" if x >= 1 else f"{x * 1e3:.1f} ms"
 
 
+def _table_columns(rows: list[dict]) -> list[tuple[str, Callable[[dict], str]]]:
+  """(header, cell) of every column of the table; the optional ones only where a row has their data."""
+  def optional(key: str, cell: Callable[[dict], str]) -> Callable[[dict], str]:
+    return lambda r: cell(r) if key in r else ""
+  columns = [
+      ("device", lambda r: r["device"]),
+      ("model", lambda r: f"{'light' if r['light'] else 'full'} ch {r['ch']}"),
+      ("size", lambda r: str(r["img_size"])), ("batch", lambda r: str(r["batch"])),
+      ("dtype", lambda r: r["dtype"]), ("options", _options),
+      ("train it/s", lambda r: _three_digits(r["train_iter_per_s"])),
+      ("train img/s", lambda r: _three_digits(r["train_img_per_s"])),
+      ("step (median)", lambda r: _seconds(r["step_s_median"])),
+      ("step, back to back", lambda r: _seconds(r["step_s_pipelined"])),
+      ("training loop step (prefetch)",
+       optional("loop_step_s", lambda r: f"{_seconds(r['loop_step_s'])} ({r['prefetch']})")),
+      ("compile", lambda r: f"{r['compile_s']:.0f} s"),
+      ("peak memory", lambda r: f"{r['peak_mem_bytes'] / 2**30:.1f} GiB ({r['peak_mem_kind']})"),
+      ("XLA's step buffers (temporaries)",
+       optional("step_buffer_bytes", lambda r: f"{_gib(r['step_buffer_bytes'])} ({_gib(r['step_temp_bytes'])})")),
+      ("translate img/s (1 / 32)", optional(
+          "translate_img_per_s", lambda r: f"{r['translate_img_per_s']['1']:.1f} / {r['translate_img_per_s']['32']:.1f}")),
+      ("% of chip peak", optional("peak_fraction", lambda r: f"{100 * r['peak_fraction']:.1f}%")),
+      ("eager PyTorch step", optional("torch_step_s_median", lambda r: _seconds(r["torch_step_s_median"]))),
+      ("vs eager PyTorch", _versus_torch),
+  ]
+  shown_when = {"step, back to back": "loop_step_s", "training loop step (prefetch)": "loop_step_s",
+                "XLA's step buffers (temporaries)": "step_buffer_bytes"}
+  return [(header, cell) for header, cell in columns
+          if header not in shown_when or any(shown_when[header] in r for r in rows)]
+
+
 def markdown_table(rows: list[dict]) -> str:
-  """The README's table from JSON lines of this command (with a training-loop column when a row has
-  `--loop`)."""
-  loop = any("loop_step_s" in r for r in rows)
-  columns = ["device", "model", "size", "batch", "dtype", "options", "train it/s", "train img/s",
-             "step (median)", "compile", "peak memory", "translate img/s (1 / 32)", "% of chip peak",
-             "eager PyTorch step", "vs eager PyTorch"]
-  if loop:
-    columns[9:9] = ["step, back to back", "training loop step (prefetch)"]
-  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-  for r in rows:
-    translate = r.get("translate_img_per_s")
-    cells = [r["device"], f"{'light' if r['light'] else 'full'} ch {r['ch']}", r["img_size"], r["batch"],
-             r["dtype"], _options(r), _three_digits(r["train_iter_per_s"]), _three_digits(r["train_img_per_s"]),
-             _seconds(r["step_s_median"]), f"{r['compile_s']:.0f} s",
-             f"{r['peak_mem_bytes'] / 2**30:.1f} GiB ({r['peak_mem_kind']})",
-             f"{translate['1']:.1f} / {translate['32']:.1f}" if translate else "",
-             f"{100 * r['peak_fraction']:.1f}%" if "peak_fraction" in r else "",
-             _seconds(r["torch_step_s_median"]) if "torch_step_s_median" in r else "", _versus_torch(r)]
-    if loop:
-      cells[9:9] = [_seconds(r["step_s_pipelined"]),
-                    f"{_seconds(r['loop_step_s'])} ({r['prefetch']})" if "loop_step_s" in r else ""]
-    lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+  """The README's table from JSON lines of this command: the training-loop columns only when a row has
+  `--loop`, XLA's memory plan only when a row has it."""
+  columns = _table_columns(rows)
+  lines = ["| " + " | ".join(header for header, _ in columns) + " |", "|" + "---|" * len(columns)]
+  lines += ["| " + " | ".join(cell(r) for _, cell in columns) + " |" for r in rows]
   return "\n".join(lines)
 
 
@@ -355,7 +394,9 @@ def main(argv=None) -> int:
     print(f"training loop (prefetch {result['prefetch']}): {result['loop_step_s'] * 1e3:.1f} ms/step over "
           f"{result['loop_steps']} steps, against {result['step_s_pipelined'] * 1e3:.1f} ms fed one fixed batch "
           f"({100 * result['loop_overhead_fraction']:+.1f}%)")
-  print(f"{result['peak_mem_kind']}: {result['peak_mem_bytes'] / 2**20:.0f} MiB")
+  print(f"{result['peak_mem_kind']}: {result['peak_mem_bytes'] / 2**20:.0f} MiB" +
+        (f"   XLA's step buffers: {result['step_buffer_bytes'] / 2**20:.0f} MiB, of them temporaries "
+         f"{result['step_temp_bytes'] / 2**20:.0f} MiB" if "step_buffer_bytes" in result else ""))
   if "speedup_vs_torch" in result:
     print(f"PyTorch reference (eager): {result['torch_step_s_median'] * 1e3:.1f} ms/step -> "
           f"{result['speedup_vs_torch']:.2f}x")

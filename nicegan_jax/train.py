@@ -75,6 +75,18 @@ def summarize(acc: MetricAccumulator) -> dict[str, float]:
   return {k: float(v) / int(host.count) for k, v in host.sums.items()}
 
 
+def slow_dispatch_warning(steps_per_dispatch: int, backend: str) -> str | None:
+  """Why `train.steps_per_dispatch` > 1 slows a CPU down, or None where it does not apply.
+
+  XLA:CPU runs the convolutions of a loop body far slower than the same ones outside a loop
+  (jax-ml/jax#12868): `benchmarks/speed_table.sh`'s options rows measured the ch 32 model's step
+  8.3-9.2x slower as ten steps in one `lax.scan`, and a CPU has no host overhead for the scan to hide."""
+  if steps_per_dispatch <= 1 or backend != "cpu":
+    return None
+  return (f"config.train.steps_per_dispatch={steps_per_dispatch} on a CPU: XLA:CPU runs a train step inside "
+          "lax.scan several times slower than one dispatched step (8-9x measured); use 1 on a CPU")
+
+
 def is_due(step: int, every: int, last_step: int) -> bool:
   """One rule for every cadence: every `every` steps (0 = never) and always at the last step."""
   return step == last_step or (every > 0 and step % every == 0)
@@ -224,6 +236,9 @@ def train_and_evaluate(config, workdir: str, *,
     raise config_lib.ConfigError(f"config.train.steps_per_dispatch={per_dispatch}: the run resumes at step "
                                  f"{start}, which is not a multiple of it")
   stacked = per_dispatch > 1
+  warning = slow_dispatch_warning(per_dispatch, jax.default_backend())
+  if warning:
+    logging.warning(warning)
   train_step = sharding.jit_train_step(step_lib.make_train_step(config, models), mesh, state_sharding,
                                        stacked=stacked)
   sample_fn = jax.jit(lambda g, d, a, b: visualize.sample_rows(models, g, d, a, b))

@@ -209,6 +209,14 @@ def test_steps_per_dispatch_equals_single_steps(float32_run):
   assert np.mean(np.abs(a - b) <= 1e-6) > 0.999 and np.abs(a - b).max() <= 2 * 2 * config.optimizer.lr
 
 
+def test_several_steps_per_dispatch_are_flagged_on_a_cpu_only():
+  from nicegan_jax import train
+  message = train.slow_dispatch_warning(10, "cpu")
+  assert "steps_per_dispatch=10" in message and "use 1 on a CPU" in message
+  assert train.slow_dispatch_warning(1, "cpu") is None
+  assert train.slow_dispatch_warning(10, "gpu") is None and train.slow_dispatch_warning(10, "tpu") is None
+
+
 def test_bfloat16_losses_track_float32(float32_run):
   """bfloat16 compute (float32 params, optimizer state and normalisation statistics) vs float32.
 
@@ -280,12 +288,14 @@ def test_speed_benchmark_reports_every_field(capsys):
   assert speed.main(argv) == 0
   result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   for key in ("train_img_per_s", "step_s_median", "step_s_min", "step_s_pipelined", "compile_s",
-              "peak_mem_bytes", "flops_per_step", "translate_img_per_s"):
+              "peak_mem_bytes", "flops_per_step", "translate_img_per_s", "step_temp_bytes",
+              "step_buffer_bytes"):
     assert key in result, key
   assert result["train_img_per_s"] == pytest.approx(2 * args.batch / result["step_s_median"])
   assert result["train_iter_per_s_pipelined"] == pytest.approx(1 / result["step_s_pipelined"])
   assert 0 < result["step_s_min"] <= result["step_s_median"]
   assert result["flops_per_step"] > 1e8 and result["peak_mem_bytes"] > 1e8
+  assert 0 < result["step_temp_bytes"] < result["step_buffer_bytes"] < result["peak_mem_bytes"]
   assert set(result["translate_img_per_s"]) == {"1", "32"}
   assert result["translate_img_per_s_one_call"] > 0
   assert result["n_dis"] == 6 and result["light"] is True and result["backend"] == "cpu"
@@ -312,27 +322,30 @@ def test_speed_table_shows_each_rows_measurements_and_non_default_options():
           "step_s_pipelined": 4.9,
           "peak_mem_bytes": 5.2 * 2**30, "peak_mem_kind": "peak RSS"}
   cpu = dict(base, backend="cpu", device="cpu", conv_weight_grad="matmul", torch_step_s_median=7.02,
+             step_buffer_bytes=2.5 * 2**30, step_temp_bytes=2 * 2**30,
              speedup_vs_torch=7.02 / 4.97, translate_img_per_s={"1": 23.04, "32": 43.9})
   cpu_slow = dict(cpu, conv_weight_grad="xla", winograd=False, speedup_vs_torch=0.74)
   gpu = dict(base, backend="gpu", device="NVIDIA H200", conv_weight_grad="xla", remat=True,
              steps_per_dispatch=10, step_s_median=0.0125, peak_fraction=0.412)
   header, rule, *lines = speed.markdown_table([cpu, cpu_slow, gpu]).splitlines()
-  assert header.count("|") == rule.count("|") == lines[0].count("|") == 16
+  assert header.count("|") == rule.count("|") == lines[0].count("|") == 17
   cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
   columns = [c.strip() for c in header.strip("|").split("|")]
   row = dict(zip(columns, cells[0]))
   assert row["options"] == "-" and row["step (median)"] == "4.97 s" and row["train img/s"] == "3.22"
   assert row["vs eager PyTorch"] == "**1.41x faster**" and row["eager PyTorch step"] == "7.02 s"
   assert row["translate img/s (1 / 32)"] == "23.0 / 43.9" and row["peak memory"] == "5.2 GiB (peak RSS)"
+  assert row["XLA's step buffers (temporaries)"] == "2.50 GiB (2.00 GiB)"
   slow = dict(zip(columns, cells[1]))
   assert slow["options"] == "xla conv grads, no Winograd" and slow["vs eager PyTorch"] == "0.74x (slower)"
   accel = dict(zip(columns, cells[2]))
   assert accel["options"] == "remat, 10 steps/dispatch" and accel["step (median)"] == "12.5 ms"
   assert accel["% of chip peak"] == "41.2%" and accel["vs eager PyTorch"] == ""
+  assert accel["XLA's step buffers (temporaries)"] == ""
   assert "training loop step (prefetch)" not in columns  # only when a row timed the loop
   looped = dict(cpu, loop_step_s=5.31, prefetch=0)
   header, _, *lines = speed.markdown_table([cpu, looped]).splitlines()
   columns = [c.strip() for c in header.strip("|").split("|")]
   plain, loop = (dict(zip(columns, [c.strip() for c in line.strip("|").split("|")])) for line in lines)
-  assert len(columns) == 17 and loop["training loop step (prefetch)"] == "5.31 s (0)"
+  assert len(columns) == 18 and loop["training loop step (prefetch)"] == "5.31 s (0)"
   assert loop["step, back to back"] == "4.90 s" and plain["training loop step (prefetch)"] == ""
