@@ -131,8 +131,8 @@ def time_train(config, *, steps: int, warmup: int) -> dict:
   jax.block_until_ready((state, metrics))
   pipelined = (time.perf_counter() - start) / (steps * k)
   return {"compile_s": compile_s, "step_s_median": statistics.median(times), "step_s_min": min(times),
-          "step_s_pipelined": pipelined, "flops_per_step": flops, **buffer_bytes, "models": models,
-          "state": state}
+          "step_s_pipelined": pipelined, "flops_per_step": flops, "memory_plan": buffer_bytes,
+          "models": models, "state": state}
 
 
 def time_translate(config, models, state, batch: int, repeats: int, *, one_call: bool = False) -> float:
@@ -232,7 +232,7 @@ def measure(args) -> dict:
       "train_iter_per_s_pipelined": 1.0 / train["step_s_pipelined"],
       "train_img_per_s": 2 * args.batch / train["step_s_median"],
       "flops_per_step": train["flops_per_step"],
-      **{k: train[k] for k in ("step_temp_bytes", "step_buffer_bytes") if k in train},
+      **train["memory_plan"],
   }
   peak = chip_peak_flops(device)
   if peak and train["flops_per_step"]:
@@ -282,6 +282,11 @@ def _versus_torch(r: dict) -> str:
   return f"**{ratio:.2f}x faster**" if ratio > 1 else f"{ratio:.2f}x (slower)"
 
 
+def _translate_rates(r: dict) -> str:
+  rates = r["translate_img_per_s"]
+  return f"{rates['1']:.1f} / {rates['32']:.1f}"
+
+
 def _gib(n: float) -> str:
   return f"{n / 2**30:.2f} GiB"
 
@@ -291,34 +296,34 @@ def _seconds(x: float) -> str:
 
 
 def _table_columns(rows: list[dict]) -> list[tuple[str, Callable[[dict], str]]]:
-  """(header, cell) of every column of the table; the optional ones only where a row has their data."""
+  """(header, cell) of every column of the table. A cell whose data a row lacks is blank; the columns
+  marked with a key are left out unless some row has it."""
   def optional(key: str, cell: Callable[[dict], str]) -> Callable[[dict], str]:
     return lambda r: cell(r) if key in r else ""
-  columns = [
-      ("device", lambda r: r["device"]),
-      ("model", lambda r: f"{'light' if r['light'] else 'full'} ch {r['ch']}"),
-      ("size", lambda r: str(r["img_size"])), ("batch", lambda r: str(r["batch"])),
-      ("dtype", lambda r: r["dtype"]), ("options", _options),
-      ("train it/s", lambda r: _three_digits(r["train_iter_per_s"])),
-      ("train img/s", lambda r: _three_digits(r["train_img_per_s"])),
-      ("step (median)", lambda r: _seconds(r["step_s_median"])),
-      ("step, back to back", lambda r: _seconds(r["step_s_pipelined"])),
+  loop, plan = "loop_step_s", "step_buffer_bytes"
+  columns = [  # (header, cell, key some row must have for the column to be shown, or None)
+      ("device", lambda r: r["device"], None),
+      ("model", lambda r: f"{'light' if r['light'] else 'full'} ch {r['ch']}", None),
+      ("size", lambda r: str(r["img_size"]), None), ("batch", lambda r: str(r["batch"]), None),
+      ("dtype", lambda r: r["dtype"], None), ("options", _options, None),
+      ("train it/s", lambda r: _three_digits(r["train_iter_per_s"]), None),
+      ("train img/s", lambda r: _three_digits(r["train_img_per_s"]), None),
+      ("step (median)", lambda r: _seconds(r["step_s_median"]), None),
+      ("step, back to back", lambda r: _seconds(r["step_s_pipelined"]), loop),
       ("training loop step (prefetch)",
-       optional("loop_step_s", lambda r: f"{_seconds(r['loop_step_s'])} ({r['prefetch']})")),
-      ("compile", lambda r: f"{r['compile_s']:.0f} s"),
-      ("peak memory", lambda r: f"{r['peak_mem_bytes'] / 2**30:.1f} GiB ({r['peak_mem_kind']})"),
+       optional(loop, lambda r: f"{_seconds(r['loop_step_s'])} ({r['prefetch']})"), loop),
+      ("compile", lambda r: f"{r['compile_s']:.0f} s", None),
+      ("peak memory", lambda r: f"{r['peak_mem_bytes'] / 2**30:.1f} GiB ({r['peak_mem_kind']})", None),
       ("XLA's step buffers (temporaries)",
-       optional("step_buffer_bytes", lambda r: f"{_gib(r['step_buffer_bytes'])} ({_gib(r['step_temp_bytes'])})")),
-      ("translate img/s (1 / 32)", optional(
-          "translate_img_per_s", lambda r: f"{r['translate_img_per_s']['1']:.1f} / {r['translate_img_per_s']['32']:.1f}")),
-      ("% of chip peak", optional("peak_fraction", lambda r: f"{100 * r['peak_fraction']:.1f}%")),
-      ("eager PyTorch step", optional("torch_step_s_median", lambda r: _seconds(r["torch_step_s_median"]))),
-      ("vs eager PyTorch", _versus_torch),
+       optional(plan, lambda r: f"{_gib(r['step_buffer_bytes'])} ({_gib(r['step_temp_bytes'])})"), plan),
+      ("translate img/s (1 / 32)", optional("translate_img_per_s", _translate_rates), None),
+      ("% of chip peak", optional("peak_fraction", lambda r: f"{100 * r['peak_fraction']:.1f}%"), None),
+      ("eager PyTorch step", optional("torch_step_s_median", lambda r: _seconds(r["torch_step_s_median"])),
+       None),
+      ("vs eager PyTorch", _versus_torch, None),
   ]
-  shown_when = {"step, back to back": "loop_step_s", "training loop step (prefetch)": "loop_step_s",
-                "XLA's step buffers (temporaries)": "step_buffer_bytes"}
-  return [(header, cell) for header, cell in columns
-          if header not in shown_when or any(shown_when[header] in r for r in rows)]
+  return [(header, cell) for header, cell, shown_if in columns
+          if shown_if is None or any(shown_if in r for r in rows)]
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -347,7 +352,8 @@ def parse(argv=None):
                  help="CPU setting: run no 3x3 conv as Winograd's F(2x2, 3x3), to measure what it gains")
   p.add_argument("--devices", type=int, default=1, help="data-parallel devices (-1 = all)")
   p.add_argument("--prefetch", type=int, default=None,
-                 help="train.prefetch for --loop: batches put on the device ahead (0 = off; default: the config's)")
+                 help="train.prefetch for --loop: batches put on the device ahead "
+                      "(0 = off; default: the config's)")
   p.add_argument("--loop", type=int, default=0, metavar="N",
                  help="also time the training loop itself (input pipeline, prefetch, logging) over about N "
                       "steps on Animal-MNIST")
@@ -392,8 +398,8 @@ def main(argv=None) -> int:
           f"  (batch 32 in one call: {result['translate_img_per_s_one_call']:.1f})")
   if "loop_step_s" in result:
     print(f"training loop (prefetch {result['prefetch']}): {result['loop_step_s'] * 1e3:.1f} ms/step over "
-          f"{result['loop_steps']} steps, against {result['step_s_pipelined'] * 1e3:.1f} ms fed one fixed batch "
-          f"({100 * result['loop_overhead_fraction']:+.1f}%)")
+          f"{result['loop_steps']} steps, against {result['step_s_pipelined'] * 1e3:.1f} ms fed one fixed "
+          f"batch ({100 * result['loop_overhead_fraction']:+.1f}%)")
   print(f"{result['peak_mem_kind']}: {result['peak_mem_bytes'] / 2**20:.0f} MiB" +
         (f"   XLA's step buffers: {result['step_buffer_bytes'] / 2**20:.0f} MiB, of them temporaries "
          f"{result['step_temp_bytes'] / 2**20:.0f} MiB" if "step_buffer_bytes" in result else ""))

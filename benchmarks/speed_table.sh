@@ -23,6 +23,13 @@ row() {
   echo "row ($(date +%T), ${left}s left): $*" >&2
   timeout "$left" python -m benchmarks.speed --json "$@" "${extra[@]}" >> "$out" || echo "failed: $*" >&2
 }
+alternately() {  # alternately BASE WITHOUT WITH: the rows BASE WITHOUT and BASE WITH, in turn, twice
+  local base=($1) without=($2) with=($3)
+  for _ in 1 2; do
+    row "${base[@]}" "${without[@]}"
+    row "${base[@]}" "${with[@]}"
+  done
+}
 backend=$(python -c "import jax; print(jax.default_backend())")
 rows="${SPEED_TABLE_ROWS:-}"
 [ -n "$rows" ] || rows=$([ "$backend" = "cpu" ] && echo cpu || echo accelerator)
@@ -54,18 +61,11 @@ options)
   # Each option against the same row without it, alternately, twice: remat (memory at batch 8), ten
   # steps per dispatch (host overhead at batch 1, on the benchmark's ch 32 model), and prefetch (main.py's
   # training loop with its input pipeline, against the same step fed one fixed batch).
-  for _ in 1 2; do
-    row --img_size=64 --batch=8 --steps=3 --no_translate
-    row --img_size=64 --batch=8 --steps=3 --no_translate --remat
-  done
-  for _ in 1 2; do
-    row --img_size=64 --ch=32 --n_res=4 --batch=1 --steps=30 --no_translate
-    row --img_size=64 --ch=32 --n_res=4 --batch=1 --steps=3 --steps_per_dispatch=10 --no_translate
-  done
-  for _ in 1 2; do
-    row --img_size=64 --ch=32 --n_res=4 --batch=1 --steps=10 --no_translate --loop=250 --prefetch=0
-    row --img_size=64 --ch=32 --n_res=4 --batch=1 --steps=10 --no_translate --loop=250 --prefetch=2
-  done
+  alternately "--img_size=64 --batch=8 --steps=3 --no_translate" "" "--remat"
+  alternately "--img_size=64 --ch=32 --n_res=4 --batch=1 --no_translate" \
+    "--steps=30" "--steps=3 --steps_per_dispatch=10"
+  alternately "--img_size=64 --ch=32 --n_res=4 --batch=1 --steps=10 --no_translate --loop=250" \
+    "--prefetch=0" "--prefetch=2"
   ;;
 *)
   echo "SPEED_TABLE_ROWS=$rows: use cpu, accelerator or options" >&2

@@ -302,7 +302,8 @@ def test_speed_benchmark_reports_every_field(capsys):
   assert result["conv_weight_grad"] == "xla" and result["winograd"] is True
   # --loop: main.py's training loop on real data, 5 log intervals of 2 steps (12 // 5 rounded down)
   assert result["loop_steps"] == 10 and result["prefetch"] == 1 and result["loop_step_s"] > 0
-  assert result["loop_overhead_fraction"] == pytest.approx(1 - result["step_s_pipelined"] / result["loop_step_s"])
+  assert result["loop_overhead_fraction"] == pytest.approx(
+      1 - result["step_s_pipelined"] / result["loop_step_s"])
 
 
 def test_speed_benchmark_can_keep_convs_off_winograd(monkeypatch):
