@@ -85,11 +85,10 @@ def run_test() -> None:
 
 
 def run_evaluate() -> None:
-  from clu import metric_writers
   from nicegan_jax import evaluation
   result = evaluation.evaluate_run(FLAGS.workdir, weights_file=FLAGS.inception_weights,
                                    max_images=FLAGS.max_images)
-  writer = metric_writers.create_default_writer(FLAGS.workdir, just_logging=jax.process_index() > 0)
+  writer = train.create_writer(FLAGS.workdir)
   writer.write_scalars(result["step"], {f"eval/{d}/{k}": result[d][k] for d in ("A2B", "B2A")
                                         for k in ("fid", "kid_x100")})
   writer.flush()

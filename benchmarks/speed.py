@@ -335,19 +335,28 @@ def markdown_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+  """--help names each option's default, except where there is none to name (flags, computed ones)."""
+
+  def _get_help_string(self, action):
+    return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
 def parse(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--img_size", type=int, default=64)
-  p.add_argument("--ch", type=int, default=64)
-  p.add_argument("--n_res", type=int, default=6)
-  p.add_argument("--n_dis", type=int, default=None, help="default: 7 at >= 128 px, else 6")
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_DefaultsShown)
+  p.add_argument("--img_size", type=int, default=64, help="training image size (square)")
+  p.add_argument("--ch", type=int, default=64, help="base channel count (the original's --ch)")
+  p.add_argument("--n_res", type=int, default=6, help="residual blocks per generator")
+  p.add_argument("--n_dis", type=int, default=None, help="discriminator layers (default: 7 at >= 128 px, "
+                 "else 6)")
   p.add_argument("--full", action="store_true", help="the full model (default: light)")
-  p.add_argument("--batch", type=int, default=1)
-  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--batch", type=int, default=1, help="images per domain and step (over all devices)")
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                 help="compute dtype (parameters and optimizer state stay float32)")
   p.add_argument("--remat", action="store_true", help="rematerialise the generators' residual blocks")
   p.add_argument("--conv_weight_grad", default="auto", choices=["auto", "xla", "matmul"],
                  help="how conv gradients are computed (auto: matmul on CPU, xla on GPU/TPU)")
-  p.add_argument("--steps_per_dispatch", type=int, default=1)
+  p.add_argument("--steps_per_dispatch", type=int, default=1, help="train steps per jitted call (lax.scan)")
   p.add_argument("--no_winograd", action="store_true",
                  help="CPU setting: run no 3x3 conv as Winograd's F(2x2, 3x3), to measure what it gains")
   p.add_argument("--devices", type=int, default=1, help="data-parallel devices (-1 = all)")
@@ -358,16 +367,30 @@ def parse(argv=None):
                  help="also time the training loop itself (input pipeline, prefetch, logging) over about N "
                       "steps on Animal-MNIST")
   p.add_argument("--steps", type=int, default=10, help="timed steps")
-  p.add_argument("--warmup", type=int, default=2)
-  p.add_argument("--translate_repeats", type=int, default=5)
-  p.add_argument("--no_translate", action="store_true")
+  p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+  p.add_argument("--translate_repeats", type=int, default=5, help="timed translate calls per batch size")
+  p.add_argument("--no_translate", action="store_true", help="skip the translate timings (two compiles)")
   p.add_argument("--torch", action="store_true", help="also time the eager PyTorch reference (CPU)")
-  p.add_argument("--torch_steps", type=int, default=5)
+  p.add_argument("--torch_steps", type=int, default=5, help="timed PyTorch iterations")
   p.add_argument("--json", action="store_true", help="print one JSON line")
   p.add_argument("--table", metavar="JSONL", help="only print the markdown table of a file of JSON lines")
   args = p.parse_args(argv)
   if args.n_dis is None:
     args.n_dis = 7 if args.img_size >= 128 else 6
+  if args.table:
+    return args
+  for name, least in (("batch", 1), ("steps_per_dispatch", 1), ("steps", 1), ("warmup", 0),
+                      ("translate_repeats", 1), ("torch_steps", 1), ("loop", 0), ("prefetch", 0)):
+    value = getattr(args, name)
+    if value is not None and value < least:
+      p.error(f"--{name}={value}: must be >= {least}")
+  if args.devices == 0 or args.devices < -1:
+    p.error(f"--devices={args.devices}: use -1 (all devices) or a positive count")
+  from nicegan_jax import config_lib
+  try:
+    config_lib.validate_model(make_config(args).model)
+  except config_lib.ConfigError as e:
+    p.error(str(e).replace("config.model.", "--"))  # the flags carry the model fields' names
   return args
 
 

@@ -1,7 +1,7 @@
 """Config checks: one clear error for a bad value, before anything is loaded or compiled.
 
-Owns: `validate(config)`, raising `ConfigError` (a ValueError) that names the field, its value and
-what would work.
+Owns: `validate(config)` and its model part `validate_model(config.model)`, raising `ConfigError` (a
+ValueError) that names the field, its value and what would work.
 """
 
 from __future__ import annotations
@@ -50,9 +50,8 @@ def validate_data(data) -> None:
   _require(data.resize_margin >= 0, "data.resize_margin", data.resize_margin, "must be >= 0")
 
 
-def validate(config) -> None:
-  """Raises ConfigError for the first value that cannot work."""
-  m, t, o = config.model, config.train, config.optimizer
+def validate_model(m) -> None:
+  """Raises ConfigError for the first value of `config.model` that cannot work."""
   try:
     discriminator_feature_sizes(m.img_size, m.n_dis)
   except ValueError as e:
@@ -63,6 +62,12 @@ def validate(config) -> None:
   weight_grads = ("auto", *layers.WEIGHT_GRADS)
   _require(m.get("conv_weight_grad", "auto") in weight_grads, "model.conv_weight_grad",
            m.get("conv_weight_grad"), f"use one of {', '.join(weight_grads)}")
+
+
+def validate(config) -> None:
+  """Raises ConfigError for the first value that cannot work."""
+  m, t, o = config.model, config.train, config.optimizer
+  validate_model(m)
   for name in ("adv_weight", "cycle_weight", "recon_weight"):
     _require(config.loss[name] >= 0, f"loss.{name}", config.loss[name], "must be >= 0")
   _require(o.lr > 0, "optimizer.lr", o.lr, "must be > 0")

@@ -24,6 +24,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from nicegan_jax import tf_host
+
 SPLITS = ("trainA", "trainB", "testA", "testB")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 ANIMAL_MNIST_WHEEL = "animal_mnist-0.4-py3-none-any.whl"
@@ -163,6 +165,7 @@ class _ImageColumn(Sequence):
 def image_folder_sources(folder: str, cache_dir: pathlib.Path, skip_bad_images: bool = False) -> dict:
   """Prepares (once per folder content) and opens an image-folder dataset. Returns split -> source."""
   import tensorflow_datasets as tfds
+  tf_host.keep_tensorflow_on_host()  # TFDS prepares the dataset with TensorFlow ops
   root = pathlib.Path(folder).expanduser()
   files = _folder_files(root)
   data_dir = cache_dir / "image_folder" / f"{root.resolve().name}-{_folder_fingerprint(root, files, skip_bad_images)}"
@@ -176,6 +179,7 @@ def image_folder_sources(folder: str, cache_dir: pathlib.Path, skip_bad_images: 
 def cycle_gan_sources(name: str, cache_dir: pathlib.Path) -> dict:
   """TFDS `cycle_gan/<name>` (downloaded by TFDS on first use), prepared as array_record."""
   import tensorflow_datasets as tfds
+  tf_host.keep_tensorflow_on_host()  # TFDS prepares the dataset with TensorFlow ops
   builder = tfds.builder(f"cycle_gan/{name}", data_dir=str(cache_dir / "tfds"), file_format="array_record")
   try:
     builder.download_and_prepare()

@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:  # grain is imported where the pipelines are built, not by translation
+  import grain
 
 
 def to_unit_range(image: np.ndarray) -> np.ndarray:

@@ -26,6 +26,7 @@ from clu import metric_writers, parameter_overview
 from PIL import Image
 
 from nicegan_jax import checkpoints, config_lib, datasets, input_pipeline, sharding, step as step_lib
+from nicegan_jax import tf_host
 from nicegan_jax import train_state as train_state_lib
 from nicegan_jax import visualize
 from nicegan_jax.models import Models, create_models
@@ -195,6 +196,12 @@ def compile_everywhere(train_step, state, batch):
   return compiled
 
 
+def create_writer(workdir) -> metric_writers.MetricWriter:
+  """TensorBoard events and console lines on process 0, console lines only on the others."""
+  tf_host.keep_tensorflow_on_host()  # clu writes the events with TensorFlow
+  return metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
+
+
 def log_parameter_overview(state) -> None:
   for name, params in {**state.gen_params, **state.disc_params}.items():
     logging.info("Parameters of %s:\n%s", name,
@@ -223,7 +230,7 @@ def train_and_evaluate(config, workdir: str, *,
 
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
-  writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
+  writer = create_writer(workdir)
   ckpt = checkpoints.Checkpointer(workdir / "checkpoints", max_to_keep=t.keep_checkpoints)
   state, state_sharding = initial_state(config, models, mesh, ckpt)
   start = int(state.step)

@@ -306,6 +306,20 @@ def test_speed_benchmark_reports_every_field(capsys):
       1 - result["step_s_pipelined"] / result["loop_step_s"])
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--batch=0"], "--batch=0: must be >= 1"),
+    (["--steps=0"], "--steps=0: must be >= 1"),
+    (["--devices=-2"], "--devices=-2: use -1 (all devices) or a positive count"),
+    (["--img_size=30"], "--img_size=30 / --n_dis=6: img_size=30 must be a multiple of 4"),
+    (["--ch=0"], "--ch=0: must be >= 1"),
+])
+def test_speed_benchmark_refuses_bad_values_by_name(argv, message, capsys):
+  from benchmarks import speed
+  with pytest.raises(SystemExit) as exit_:
+    speed.parse(argv)
+  assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_speed_benchmark_can_keep_convs_off_winograd(monkeypatch):
   from benchmarks import speed
   wide = (jnp.zeros((8, 18, 18, 256)), jnp.zeros((3, 3, 256, 256)), 1)
