@@ -8,8 +8,13 @@
 """
 
 import logging as pylogging
+import os
 import pathlib
 import sys
+
+# TensorFlow (imported by clu's writers and TFDS) runs no computation of ours; without this it announces
+# its oneDNN CPU kernels at every start.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import jax
 from absl import app, flags, logging

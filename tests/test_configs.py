@@ -100,4 +100,5 @@ def test_main_reports_a_bad_config_in_one_line_without_a_traceback(tmp_path, ove
   assert result.returncode != 0
   assert message in result.stderr
   assert "Traceback" not in result.stderr
+  assert "oneDNN" not in result.stderr  # nor TensorFlow's start-up banner
   assert not (tmp_path / "run" / "checkpoints").exists()
