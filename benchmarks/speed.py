@@ -10,7 +10,8 @@ peak FLOP/s it reaches.
 `--torch` also times the PyTorch reference (tests/torch_reference.py, eager, same sizes, CPU) in the
 same process, and reports our speed-up over it. `--loop N` also times the training loop itself over
 about N steps (main.py's loop on Animal-MNIST: the input pipeline, `train.prefetch`, metrics and logging)
-and reports what it adds per step to the same step fed one fixed batch.
+and reports what it adds per step to the same step fed one fixed batch. `--flops_only` only traces the
+step and reports XLA's FLOP count of it (nothing compiled or run), for sizes this machine cannot run.
 
   python -m benchmarks.speed --img_size=64 --ch=32 --batch=1 [--dtype=bfloat16] [--json] [--torch]
 """
@@ -93,6 +94,18 @@ def flops_of(compiled) -> float | None:
   return float(cost["flops"]) if cost and "flops" in cost else None
 
 
+def traced_flops(config, models, mesh, shardings, state) -> float | None:
+  """XLA's FLOP count of one train step as traced, before XLA's optimisations: nothing is compiled, so it
+  is cheap at any size (~3% below the compiled step's count on the tiny config). `state` may be shapes."""
+  from nicegan_jax import sharding, step as step_lib
+  one = config.copy_and_resolve_references()
+  one.train.steps_per_dispatch = 1
+  step_fn = sharding.jit_train_step(step_lib.make_train_step(one, models), mesh, shardings)
+  size, b = config.model.img_size, config.train.batch_size
+  batch = {d: jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32) for d in "AB"}
+  return flops_of(step_fn.lower(state, batch))
+
+
 def time_train(config, *, steps: int, warmup: int) -> dict:
   from nicegan_jax import models as models_lib, sharding, step as step_lib, train_state
   models = models_lib.create_models(config.model)
@@ -110,13 +123,8 @@ def time_train(config, *, steps: int, warmup: int) -> dict:
   compile_s = time.perf_counter() - start
   flops = flops_of(compiled)
   buffer_bytes = step_buffer_bytes(compiled)
-  if k > 1:  # XLA's cost analysis counts a loop's body once: count one unstacked step (before XLA's
-    # optimisations, which this saves compiling: ~3% below the compiled count on the tiny config)
-    one = config.copy_and_resolve_references()
-    one.train.steps_per_dispatch = 1
-    single = sharding.jit_train_step(step_lib.make_train_step(one, models), mesh, shardings)
-    one_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), batch)
-    flops = flops_of(single.lower(state, one_batch))
+  if k > 1:  # XLA's cost analysis counts a loop's body once: count one unstacked step
+    flops = traced_flops(config, models, mesh, shardings, state)
   times = []
   for i in range(warmup + steps):
     start = time.perf_counter()
@@ -211,14 +219,11 @@ def keep_off_winograd() -> None:
   layers.WINOGRAD_MIN_TILES = sys.maxsize
 
 
-def measure(args) -> dict:
+def settings_of(args, config) -> dict:
+  """The measured configuration and where it ran, as the JSON line's first fields."""
   from nicegan_jax import models as models_lib
-  if args.no_winograd:
-    keep_off_winograd()
-  config = make_config(args)
-  train = time_train(config, steps=args.steps, warmup=args.warmup)
   device = jax.devices()[0]
-  result = {
+  return {
       "backend": jax.default_backend(), "device": getattr(device, "device_kind", str(device)),
       "devices": config.mesh.data if config.mesh.data > 0 else jax.device_count(),
       "img_size": args.img_size, "ch": args.ch, "n_res": args.n_res, "n_dis": args.n_dis,
@@ -226,6 +231,30 @@ def measure(args) -> dict:
       "conv_weight_grad": models_lib.conv_weight_grad_for(args.conv_weight_grad),
       "steps_per_dispatch": args.steps_per_dispatch, "winograd": not args.no_winograd,
       "prefetch": config.train.prefetch,
+  }
+
+
+def count_flops(args, config) -> dict:
+  """`--flops_only`: the step traced, never compiled or run, and XLA's FLOP count of it."""
+  from nicegan_jax import models as models_lib, sharding, train_state
+  models = models_lib.create_models(config.model)
+  mesh = sharding.create_mesh(config.mesh)
+  shapes = jax.eval_shape(lambda: train_state.create_train_state(config, jax.random.PRNGKey(0), models))
+  shardings = sharding.state_shardings(shapes, mesh, config.mesh.shard_min_size)
+  return {**settings_of(args, config),
+          "flops_per_step_traced": traced_flops(config, models, mesh, shardings, shapes)}
+
+
+def measure(args) -> dict:
+  if args.no_winograd:
+    keep_off_winograd()
+  config = make_config(args)
+  if args.flops_only:
+    return count_flops(args, config)
+  train = time_train(config, steps=args.steps, warmup=args.warmup)
+  device = jax.devices()[0]
+  result = {
+      **settings_of(args, config),
       "compile_s": train["compile_s"], "step_s_median": train["step_s_median"],
       "step_s_min": train["step_s_min"], "train_iter_per_s": 1.0 / train["step_s_median"],
       "step_s_pipelined": train["step_s_pipelined"],
@@ -372,6 +401,10 @@ def parse(argv=None):
   p.add_argument("--no_translate", action="store_true", help="skip the translate timings (two compiles)")
   p.add_argument("--torch", action="store_true", help="also time the eager PyTorch reference (CPU)")
   p.add_argument("--torch_steps", type=int, default=5, help="timed PyTorch iterations")
+  p.add_argument("--flops_only", action="store_true",
+                 help="only count the step's FLOPs as traced, before XLA's optimisations (nothing compiled "
+                      "or run: any size, in seconds); on a CPU add --conv_weight_grad=xla --no_winograd "
+                      "for the convolutions a GPU or TPU runs")
   p.add_argument("--json", action="store_true", help="print one JSON line")
   p.add_argument("--table", metavar="JSONL", help="only print the markdown table of a file of JSON lines")
   args = p.parse_args(argv)
@@ -403,6 +436,12 @@ def main(argv=None) -> int:
   result = measure(args)
   if args.json:
     print(json.dumps(result))
+    return 0
+  if args.flops_only:
+    print(f"{'light' if result['light'] else 'full'} {args.img_size}px ch {args.ch} n_res {args.n_res} "
+          f"n_dis {args.n_dis} batch {args.batch} {args.dtype}, {result['conv_weight_grad']} weight grads"
+          f"{'' if result['winograd'] else ', no Winograd'}: "
+          f"{result['flops_per_step_traced'] / 1e12:.3f} TFLOP per step as traced")
     return 0
   print(f"{result['device']} x{result['devices']}  {'light' if result['light'] else 'full'} "
         f"{args.img_size}px ch {args.ch} n_res {args.n_res} n_dis {args.n_dis} batch {args.batch} "

@@ -306,6 +306,21 @@ def test_speed_benchmark_reports_every_field(capsys):
       1 - result["step_s_pipelined"] / result["loop_step_s"])
 
 
+def test_speed_benchmark_counts_flops_without_compiling(capsys):
+  from benchmarks import speed
+  tiny = ["--img_size=64", "--ch=8", "--n_res=1", "--conv_weight_grad=xla", "--flops_only", "--json"]
+  counts = {}
+  for batch in (1, 4):
+    assert speed.main([*tiny, f"--batch={batch}"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "compile_s" not in result and result["batch"] == batch and result["conv_weight_grad"] == "xla"
+    counts[batch] = result["flops_per_step_traced"]
+  # Everything but the parameter updates and spectral norm's power iterations scales with the batch.
+  assert 3.8 < counts[4] / counts[1] <= 4
+  assert speed.main(tiny[:-1]) == 0
+  assert f"{counts[1] / 1e12:.3f} TFLOP per step as traced" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--batch=0"], "--batch=0: must be >= 1"),
     (["--steps=0"], "--steps=0: must be >= 1"),
