@@ -22,3 +22,10 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=8").strip()
+
+
+def image_size_and_mode(path) -> tuple[tuple[int, int], str]:
+  """An image file's (width, height) and mode, with the file closed again."""
+  from PIL import Image
+  with Image.open(path) as image:
+    return image.size, image.mode

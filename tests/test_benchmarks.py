@@ -9,10 +9,10 @@ import math
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from benchmarks import horse2zebra_mini as bench
 from configs import animal_horse2zebra
+from conftest import image_size_and_mode
 
 
 def test_mask_iou_and_blur_behave():
@@ -69,8 +69,7 @@ def test_benchmark_smoke_run_reports_every_field(tmp_path):
   assert set(results["pass"]) == set(bench.CRITERIA) and isinstance(results["passed"], bool)
   assert sum(results["judge_classes"].values()) == pytest.approx(1.0)
   assert results["judge_classes"].get("zebra", 0.0) == pytest.approx(results["judge_zebra_rate"])
-  grid = Image.open(results["grid"])
-  assert grid.size == (2 * 4 * 64, 2 * 2 * 64)
+  assert image_size_and_mode(results["grid"])[0] == (2 * 4 * 64, 2 * 2 * 64)
   assert "checkpoints" not in results
   # Scoring again without training reuses the run and its recorded wall time; every_checkpoint also
   # scores each kept checkpoint, the newest one exactly as the main result.

@@ -83,7 +83,8 @@ def test_image_folder_on_the_real_cat2dog_sample(tmp_path):
   files = sorted((SHARED_DATA / "cat2dog_sample" / "testA").iterdir())
   assert sorted(names) == sorted(f"testA/{f.name}" for f in files)
   index = names.index(f"testA/{files[0].name}")
-  np.testing.assert_array_equal(sources["testA"][index], np.asarray(Image.open(files[0]).convert("RGB")))
+  with Image.open(files[0]) as image:
+    np.testing.assert_array_equal(sources["testA"][index], np.asarray(image.convert("RGB")))
   assert sources["testA"][index].shape == (218, 178, 3)
   batch = next(input_pipeline.train_batches(sources, data_config(root, tmp_path), img_size=64,
                                             global_batch_size=3, seed=0))

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from configs import test as test_config
-from conftest import ROOT
+from conftest import ROOT, image_size_and_mode
 from nicegan_jax import checkpoints, config_lib, step as step_lib, train
 
 
@@ -68,10 +68,10 @@ def test_main_trains_end_to_end(dataset, tmp_path):
           "samples/A2B", "samples/B2A"} <= tags
   assert [s for s, _ in loss] == [2, 4] and all(np.isfinite(v) for _, v in loss)
   for direction in ("A2B", "B2A"):
-    grid = Image.open(workdir / "samples" / f"{direction}_0000004.png")
-    grid.verify()
+    with Image.open(workdir / "samples" / f"{direction}_0000004.png") as grid:
+      grid.verify()
     # 5 rows (real, heatmap, recon, translation, cycle) x (2 train + 2 test) columns of 64x64 tiles.
-    assert Image.open(workdir / "samples" / f"{direction}_0000004.png").size == (4 * 64, 5 * 64)
+    assert image_size_and_mode(workdir / "samples" / f"{direction}_0000004.png")[0] == (4 * 64, 5 * 64)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from configs import test as test_config
-from conftest import ROOT, SHARED_DATA
+from conftest import ROOT, SHARED_DATA, image_size_and_mode
 from nicegan_jax import checkpoints, input_pipeline, models, train_state
 from nicegan_jax import inference as translate_lib
 
@@ -145,9 +145,8 @@ def test_folder_command_mirrors_names_reports_bad_files_and_spares_inputs(workdi
                     "--direction=B2A")
   assert result.returncode == 1, result.stderr[-2000:]  # one unreadable file is reported, not fatal
   assert "Wrote 2 image(s)" in result.stdout and "broken.jpg" in result.stdout
-  assert Image.open(out / "odd.png").size == (47, 33)
-  assert Image.open(out / "sub" / "gray.png").size == (20, 64)
-  assert Image.open(out / "sub" / "gray.png").mode == "RGB"
+  assert image_size_and_mode(out / "odd.png")[0] == (47, 33)
+  assert image_size_and_mode(out / "sub" / "gray.png") == ((20, 64), "RGB")
   # Writing next to the inputs never replaces one.
   before = (src / "sub" / "gray.png").read_bytes()
   result = run_main("--mode=translate", f"--workdir={workdir[0]}", f"--input={src / 'sub'}",
@@ -164,8 +163,8 @@ def test_folder_command_on_real_images(workdir, tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   for split in ("trainA", "trainB", "testA", "testB"):
     [original] = list((SHARED_DATA / "selfie2anime_sample" / split).iterdir())
-    translated = Image.open(tmp_path / split / (original.stem + ".png"))
-    assert translated.size == Image.open(original).size
+    translated = tmp_path / split / (original.stem + ".png")
+    assert image_size_and_mode(translated)[0] == image_size_and_mode(original)[0]
 
 
 def test_test_split_mode_writes_fakeA_and_fakeB(workdir):
@@ -174,7 +173,7 @@ def test_test_split_mode_writes_fakeA_and_fakeB(workdir):
   test_dir = workdir[0] / "test"
   assert sorted(p.name for p in (test_dir / "fakeB").iterdir()) == ["0.png", "1.png", "nested"]
   assert (test_dir / "fakeA" / "nested" / "n.png").is_file()
-  assert Image.open(test_dir / "fakeB" / "1.png").size == (64, 64)  # the training size, as the original
+  assert image_size_and_mode(test_dir / "fakeB" / "1.png")[0] == (64, 64)  # the training size, as the original
 
 
 def test_evaluate_mode_scores_both_directions(workdir):
