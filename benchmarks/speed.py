@@ -106,13 +106,19 @@ def traced_flops(config, models, mesh, shardings, state) -> float | None:
   return flops_of(step_fn.lower(state, batch))
 
 
-def time_train(config, *, steps: int, warmup: int) -> dict:
-  from nicegan_jax import models as models_lib, sharding, step as step_lib, train_state
+def abstract_setup(config) -> tuple:
+  """(models, mesh, state shapes, state shardings) of a config; nothing is allocated."""
+  from nicegan_jax import models as models_lib, sharding, train_state
   models = models_lib.create_models(config.model)
   mesh = sharding.create_mesh(config.mesh)
-  k = config.train.steps_per_dispatch
   shapes = jax.eval_shape(lambda: train_state.create_train_state(config, jax.random.PRNGKey(0), models))
-  shardings = sharding.state_shardings(shapes, mesh, config.mesh.shard_min_size)
+  return models, mesh, shapes, sharding.state_shardings(shapes, mesh, config.mesh.shard_min_size)
+
+
+def time_train(config, *, steps: int, warmup: int) -> dict:
+  from nicegan_jax import sharding, step as step_lib, train_state
+  models, mesh, _, shardings = abstract_setup(config)
+  k = config.train.steps_per_dispatch
   state = train_state.create_train_state(config, jax.random.PRNGKey(0), models, out_shardings=shardings)
   step_fn = sharding.jit_train_step(step_lib.make_train_step(config, models), mesh, shardings,
                                     stacked=k > 1)
@@ -236,11 +242,7 @@ def settings_of(args, config) -> dict:
 
 def count_flops(args, config) -> dict:
   """`--flops_only`: the step traced, never compiled or run, and XLA's FLOP count of it."""
-  from nicegan_jax import models as models_lib, sharding, train_state
-  models = models_lib.create_models(config.model)
-  mesh = sharding.create_mesh(config.mesh)
-  shapes = jax.eval_shape(lambda: train_state.create_train_state(config, jax.random.PRNGKey(0), models))
-  shardings = sharding.state_shardings(shapes, mesh, config.mesh.shard_min_size)
+  models, mesh, shapes, shardings = abstract_setup(config)
   return {**settings_of(args, config),
           "flops_per_step_traced": traced_flops(config, models, mesh, shardings, shapes)}
 
@@ -437,16 +439,14 @@ def main(argv=None) -> int:
   if args.json:
     print(json.dumps(result))
     return 0
+  model = (f"{'light' if result['light'] else 'full'} {args.img_size}px ch {args.ch} n_res {args.n_res} "
+           f"n_dis {args.n_dis} batch {args.batch} {args.dtype}")
   if args.flops_only:
-    print(f"{'light' if result['light'] else 'full'} {args.img_size}px ch {args.ch} n_res {args.n_res} "
-          f"n_dis {args.n_dis} batch {args.batch} {args.dtype}, {result['conv_weight_grad']} weight grads"
-          f"{'' if result['winograd'] else ', no Winograd'}: "
+    print(f"{model}, {result['conv_weight_grad']} weight grads{'' if result['winograd'] else ', no Winograd'}: "
           f"{result['flops_per_step_traced'] / 1e12:.3f} TFLOP per step as traced")
     return 0
-  print(f"{result['device']} x{result['devices']}  {'light' if result['light'] else 'full'} "
-        f"{args.img_size}px ch {args.ch} n_res {args.n_res} n_dis {args.n_dis} batch {args.batch} "
-        f"{args.dtype}{' remat' if args.remat else ''} steps/dispatch {args.steps_per_dispatch} "
-        f"{result['conv_weight_grad']} weight grads")
+  print(f"{result['device']} x{result['devices']}  {model}{' remat' if args.remat else ''} steps/dispatch "
+        f"{args.steps_per_dispatch} {result['conv_weight_grad']} weight grads")
   print(f"compile {result['compile_s']:.1f} s   step median {result['step_s_median'] * 1e3:.1f} ms "
         f"(min {result['step_s_min'] * 1e3:.1f})   {result['train_iter_per_s']:.2f} it/s   "
         f"{result['train_img_per_s']:.2f} img/s   pipelined (no wait between steps) "
