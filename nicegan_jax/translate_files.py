@@ -1,9 +1,9 @@
 """Translating files: a folder (or one file) to PNGs, and a whole test split like the original's test.
 
 Owns: `translate_folder` (walks the input, mirrors sub-folders, writes lossless PNGs with the same base
-names, never overwrites an input, reports unreadable files at the end) and `translate_test_split`
-(testA -> fakeB/, testB -> fakeA/ at the training size, as the original's test phase and the
-evaluation expect).
+names, never overwrites an input, reports unreadable files at the end, refuses a folder without
+images) and `translate_test_split` (testA -> fakeB/, testB -> fakeA/ at the training size, as the
+original's test phase and the evaluation expect).
 """
 
 from __future__ import annotations
@@ -28,9 +28,13 @@ class FolderReport(NamedTuple):
 def _inputs(path: pathlib.Path) -> tuple[pathlib.Path, list[pathlib.Path]]:
   if path.is_file():
     return path.parent, [path]
-  if path.is_dir():
-    return path, datasets.list_images(path)
-  raise FileNotFoundError(f"input {path} does not exist")
+  if not path.is_dir():
+    raise FileNotFoundError(f"input {path} does not exist")
+  files = datasets.list_images(path)
+  if not files:  # a mistyped folder should not look like a successful run that wrote nothing
+    raise datasets.DataError(f"no images under {path} (looked for {', '.join(datasets.IMAGE_EXTENSIONS)}, "
+                             "any case, in sub-folders too)")
+  return path, files
 
 
 def translate_folder(translator: Translator, input_path: str | pathlib.Path, output_dir: str | pathlib.Path,

@@ -155,6 +155,16 @@ def test_folder_command_mirrors_names_reports_bad_files_and_spares_inputs(workdi
   assert (src / "sub" / "gray.png").read_bytes() == before
 
 
+def test_folder_command_refuses_a_folder_without_images(workdir, tmp_path):
+  (tmp_path / "in" / "sub").mkdir(parents=True)
+  (tmp_path / "in" / "notes.txt").write_text("not an image")
+  result = run_main("--mode=translate", f"--workdir={workdir[0]}", f"--input={tmp_path / 'in'}",
+                    f"--output={tmp_path / 'out'}")
+  assert result.returncode == 1
+  assert f"error: no images under {tmp_path / 'in'}" in result.stderr
+  assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
 @pytest.mark.skipif(not (SHARED_DATA / "selfie2anime_sample").is_dir(),
                     reason="../shared/data/selfie2anime_sample is not present")
 def test_folder_command_on_real_images(workdir, tmp_path):
