@@ -87,7 +87,17 @@ def translator_from_state(config, models: models_lib.Models, state) -> Translato
 
 def check_images(images) -> tuple[np.ndarray, bool]:
   """Validates the input contract; returns (NHWC array, whether the input was a single image)."""
-  images = np.asarray(images)
+  if isinstance(images, (str, pathlib.Path)):
+    raise ValueError(f"images must be an array, not a path ({images!r}): read the file first, or use "
+                     "translate_files.translate_folder for files and folders")
+  try:
+    images = np.asarray(images)
+  except ValueError as e:  # numpy refuses ragged nestings
+    raise ValueError("images must form one array: a list of images of different sizes (or with "
+                     "something else in it) cannot form one batch; translate them one at a time") from e
+  if images.dtype == object:
+    raise ValueError("images must be an array of numbers; got Python objects (None, or images of "
+                     "different sizes?): translate images of different sizes one at a time")
   if images.ndim not in (3, 4):
     raise ValueError(f"images must be (H, W, 3) or (N, H, W, 3); got shape {images.shape}")
   single = images.ndim == 3

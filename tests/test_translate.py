@@ -117,6 +117,11 @@ def test_a_batch_larger_than_a_chunk_equals_image_by_image(translator):
     (np.full((8, 8, 3), 255.0, np.float32), "must lie in \\[-1, 1\\]"),
     (np.full((8, 8, 3), np.nan, np.float32), "NaN"),
     (np.zeros((2, 2, 3), np.uint8), "at least 4x4"),
+    ([np.zeros((8, 8, 3), np.uint8), np.zeros((9, 8, 3), np.uint8)], "cannot form one batch"),
+    ([np.zeros((8, 8, 3), np.uint8), None], "cannot form one batch"),
+    (None, "array of numbers"),
+    ("horse.jpg", "not a path"),
+    (pathlib.Path("horse.jpg"), "not a path"),
 ])
 def test_bad_inputs_get_a_clear_error(translator, bad, message):
   with pytest.raises(ValueError, match=message):
