@@ -20,7 +20,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from nicegan_jax import config_lib, convert, datasets, inception, sharding, train
+from nicegan_jax import config_lib, convert, datasets, inception, preemption, sharding, train
 from nicegan_jax import inference as translate_lib
 from nicegan_jax import translate_files
 
@@ -136,6 +136,10 @@ def main(argv):
           inception.WeightsError, convert.ConversionError) as e:
     logging.error("%s", e)
     sys.exit(f"error: {e}")
+  except preemption.TrainingInterrupted as e:  # the shell's code for death by that signal: 130, 143
+    logging.warning("%s", e)
+    print(f"Training {e}", file=sys.stderr)
+    sys.exit(128 + e.signum)
 
 
 if __name__ == "__main__":

@@ -84,6 +84,10 @@ class Checkpointer:
     except Exception:  # saved without metadata
       return None
 
+  def reached_preemption(self, step: int) -> bool:
+    """Whether all processes have agreed to stop at `step` (JAX's preemption sync point)."""
+    return self._manager.reached_preemption(step)
+
   def wait(self) -> None:
     self._manager.wait_until_finished()
 

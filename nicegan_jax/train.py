@@ -4,6 +4,9 @@ Owns: `train_and_evaluate(config, workdir)`, which validates the config, restore
 checkpoint in `workdir` (or initialises), then runs the jitted, sharded train step to
 `config.train.num_steps`, with metrics, sample grids and checkpoints at their cadences.
 
+A first SIGINT or SIGTERM (or, with several processes, a preemption notice) ends the run after the step
+in flight with a checkpoint at it and `preemption.TrainingInterrupted`; the same command resumes there.
+
 Metrics stay on the device between log steps (summed by a small jitted accumulator that also notes the
 first step at which each term became non-finite); a non-finite term stops the run before the next
 checkpoint, so the last checkpoint on disk is always a good one.
@@ -26,7 +29,7 @@ from clu import metric_writers, parameter_overview
 from PIL import Image
 
 from nicegan_jax import checkpoints, config_lib, datasets, input_pipeline, sharding, step as step_lib
-from nicegan_jax import tf_host
+from nicegan_jax import preemption, tf_host
 from nicegan_jax import train_state as train_state_lib
 from nicegan_jax import visualize
 from nicegan_jax.models import Models, create_models
@@ -265,6 +268,7 @@ def train_and_evaluate(config, workdir: str, *,
     best = checkpoints.Checkpointer(workdir / "checkpoints_best", max_to_keep=1, async_save=False)
 
   acc, summary = None, {}
+  stop = preemption.StopRequests().install()
   logging.info("Training steps %d..%d, global batch %d on %d device(s) (mesh %s) in %d process(es)",
                start + 1, t.num_steps, t.batch_size, mesh.size, dict(mesh.shape), jax.process_count())
   try:
@@ -278,9 +282,11 @@ def train_and_evaluate(config, workdir: str, *,
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, metrics = train_step(state, next(steps_batches))
         acc = accumulate(acc, metrics, step - per_dispatch + 1)
-      log_due = is_due(step, t.log_every_steps, t.num_steps)
-      ckpt_due = is_due(step, t.checkpoint_every_steps, t.num_steps)
-      eval_due = evaluator is not None and is_due(step, t.eval_every_steps, t.num_steps)
+      stop_signal = stop.stop_signal(step, ckpt) if step < t.num_steps else None  # logs, saves, raises
+      log_due = is_due(step, t.log_every_steps, t.num_steps) or stop_signal is not None
+      ckpt_due = is_due(step, t.checkpoint_every_steps, t.num_steps) or stop_signal is not None
+      eval_due = (evaluator is not None and stop_signal is None  # a stop should be prompt
+                  and is_due(step, t.eval_every_steps, t.num_steps))
       if log_due or ckpt_due or eval_due:  # checkpoints are only written after a finiteness check
         summary = summarize(acc)
         acc = None
@@ -299,11 +305,15 @@ def train_and_evaluate(config, workdir: str, *,
         ckpt.save(step, state, config.to_dict())
       if eval_due:
         evaluate_and_keep_best(state, models, config, evaluator, best, workdir, writer, step)
+      if stop_signal is not None:
+        ckpt.wait()
+        raise preemption.TrainingInterrupted(step, stop_signal, ckpt.directory)
   except NonFiniteLossError as e:
     steps = ckpt.steps()
     raise NonFiniteLossError(f"{e}; stopped. The last good checkpoint is step "
                              f"{steps[-1] if steps else 'none'} in {ckpt.directory}") from None
   finally:
+    stop.restore()
     if isinstance(batches, input_pipeline.Prefetcher):
       batches.close()
     ckpt.close()

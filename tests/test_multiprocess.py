@@ -1,13 +1,16 @@
 """Two processes on 127.0.0.1 (2 CPU devices each) train with the real main.py and end where one
-4-device process ends; the checkpoint then restores on 1 device, trains on and translates.
+4-device process ends; the checkpoint then restores on 1 device, trains on and translates. A SIGTERM to
+one of them (a preemption notice) stops both at the same step, with a checkpoint there.
 
 Bounded: each process is killed after PROCESS_TIMEOUT_S, and the test fails with its log.
 """
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -34,13 +37,18 @@ def config_flags(config) -> list[str]:
           "--config.mesh.data=-1", f"--config.train.num_steps={STEPS}"]
 
 
-def run_two_processes(config, workdir) -> None:
+def start_two_processes(flags: list[str], workdir, outputs) -> list[subprocess.Popen]:
+  """main.py as processes 0 and 1 of two, their stdout and stderr into outputs[0] and outputs[1]."""
   port = free_port()
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  procs = [subprocess.Popen(
-      [sys.executable, "main.py", *config_flags(config), f"--workdir={workdir}",
+  return [subprocess.Popen(
+      [sys.executable, "main.py", *flags, f"--workdir={workdir}",
        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+      cwd=ROOT, env=env, stdout=outputs[i], stderr=subprocess.STDOUT, text=True) for i in range(2)]
+
+
+def run_two_processes(config, workdir) -> None:
+  procs = start_two_processes(config_flags(config), workdir, [subprocess.PIPE] * 2)
   logs = []
   try:
     for p in procs:
@@ -101,3 +109,28 @@ def test_two_processes_equal_one_and_restore_on_one_device(tmp_path):
   images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
   out = translate(translator, images)
   assert out.shape == images.shape and out.dtype == np.uint8
+
+
+def test_a_sigterm_to_one_process_stops_both_at_one_step_with_a_checkpoint(tmp_path):
+  config = tiny_config(make_dataset(tmp_path / "data"), tmp_path)
+  config.train.batch_size = 4
+  datasets.load_domains(config.data, config.model.img_size)
+  flags = [*config_flags(config), "--config.train.num_steps=1000", "--config.train.log_every_steps=1",
+           "--config.train.checkpoint_every_steps=1000"]
+  logs = [tmp_path / f"process_{i}.log" for i in range(2)]
+  with open(logs[0], "w") as log0, open(logs[1], "w") as log1:  # files: pipes left unread would fill
+    procs = start_two_processes(flags, tmp_path / "run", [log0, log1])
+  try:
+    deadline = time.time() + PROCESS_TIMEOUT_S
+    while "step 3/1000" not in logs[1].read_text() and time.time() < deadline:
+      time.sleep(0.5)
+    procs[1].send_signal(signal.SIGTERM)  # not the chief: any host's notice stops them all
+    codes = [p.wait(timeout=PROCESS_TIMEOUT_S) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  texts = [log.read_text() for log in logs]
+  assert codes == [128 + signal.SIGTERM] * 2, "\n".join(t[-3000:] for t in texts)
+  [saved] = checkpoints.Checkpointer(tmp_path / "run" / "checkpoints").steps()
+  assert 3 <= saved < 1000
+  assert all(f"stopped by SIGTERM at step {saved}," in t for t in texts)
