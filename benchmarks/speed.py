@@ -160,9 +160,9 @@ def time_translate(config, models, state, batch: int, repeats: int, *, one_call:
   size = config.model.img_size
   images = np.random.default_rng(1).uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
   if one_call:
-    run = lambda: jax.block_until_ready(inference._translate_batch(
+    run = lambda: jax.block_until_ready(inference.translate_at_work_size(
         translator.encoders["A2B"], translator.generators["A2B"], jnp.asarray(images), models=models,
-        direction="A2B", work_size=(size, size)))
+        direction="A2B"))
   else:
     run = lambda: inference.translate(translator, images, "A2B")
   run()

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from PIL import Image
 
 from nicegan_jax import input_pipeline
 from nicegan_jax import models as models_lib
@@ -136,26 +137,39 @@ def chunk_size(backend: str) -> int | None:
   return 8 if backend == "cpu" else None
 
 
-@functools.partial(jax.jit, static_argnames=("models", "direction", "work_size"))
-def _translate_batch(encoder, generator, images, *, models, direction, work_size):
-  """[-1, 1] float32 NHWC -> translated, resized to work_size and back to the input size."""
-  n, h, w, _ = images.shape
-  x = images
-  if (h, w) != work_size:
-    x = jax.image.resize(x, (n, *work_size, 3), "bilinear", antialias=True)
+def resize_images(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """Bilinear resize of an NHWC batch to `size` with PIL, antialiased when shrinking, as the training
+  and test transforms (`input_pipeline.resize`, torchvision's Resize): uint8 as RGB images, float32
+  channel by channel in PIL's float mode (no rounding).
+
+  On the host, so that an input of a new size costs no compilation: the networks are compiled once
+  per batch size at the size they work at (seconds for a 256px model), which a folder of photos of
+  many sizes would otherwise pay per photo.
+  """
+  height, width = size
+  if tuple(images.shape[1:3]) == (height, width):
+    return images
+  resize = lambda plane: np.asarray(Image.fromarray(plane).resize((width, height), Image.BILINEAR))
+  if images.dtype == np.uint8:
+    return np.stack([resize(image) for image in images])
+  return np.stack([np.stack([resize(np.ascontiguousarray(image[..., c], np.float32))
+                             for c in range(image.shape[-1])], axis=-1) for image in images])
+
+
+@functools.partial(jax.jit, static_argnames=("models", "direction"))
+def translate_at_work_size(encoder, generator, images, *, models, direction):
+  """[-1, 1] float32 NHWC, at the size the networks work at -> translated, in [-1, 1]."""
   disc = models.disA if direction == "A2B" else models.disB
   gen = models.gen2B if direction == "A2B" else models.gen2A
-  y = models_lib.decode(gen, generator, models_lib.encode(disc, encoder, x))
-  if (h, w) != work_size:
-    y = jax.image.resize(y, (n, h, w, 3), "bilinear", antialias=True)
-  return jnp.clip(y, -1.0, 1.0)
+  return jnp.clip(models_lib.decode(gen, generator, models_lib.encode(disc, encoder, images)), -1.0, 1.0)
 
 
 def translate(translator: Translator, images, direction: str = "A2B", *, native: bool = False):
   """Translates one image (H, W, 3) or a batch (N, H, W, 3); returns the same shape and dtype.
 
-  uint8 in -> uint8 out ([0, 255]); float in -> float out ([-1, 1]). Compiled once per shape; on a CPU
-  a batch of more than 8 images is translated 8 at a time (`chunk_size`).
+  uint8 in -> uint8 out ([0, 255]); float in -> float out ([-1, 1]). Resizing to the work size and back
+  runs on the host (`resize_images`), so the networks compile once per batch size, whatever the input
+  sizes; on a CPU a batch of more than 8 images is translated 8 at a time (`chunk_size`).
   `native` (light models only) translates at the input's size rounded up to a multiple of 4 instead of
   at the training size.
   """
@@ -166,12 +180,23 @@ def translate(translator: Translator, images, direction: str = "A2B", *, native:
                      f"tied to img_size={translator.config.model.img_size}")
   batch, single = check_images(images)
   dtype = batch.dtype
-  x = input_pipeline.to_unit_range(batch) if dtype == np.uint8 else batch.astype(np.float32)
-  size = translation_size(x.shape[1], x.shape[2], translator.config.model.img_size, native)
-  run = lambda chunk: np.asarray(_translate_batch(
+  input_size = batch.shape[1:3]
+  work_size = translation_size(*input_size, translator.config.model.img_size, native)
+  x = resize_images(batch if dtype == np.uint8 else batch.astype(np.float32), work_size)
+  x = input_pipeline.to_unit_range(x) if dtype == np.uint8 else x  # uint8 is resized as training does
+  run = lambda chunk: np.asarray(translate_at_work_size(
       translator.encoders[direction], translator.generators[direction], jnp.asarray(chunk),
-      models=translator.models, direction=direction, work_size=size))
+      models=translator.models, direction=direction))
   y = np.concatenate([run(chunk)[:n] for chunk, n in input_pipeline.padded_chunks(
       x, chunk_size(jax.default_backend()))])
-  y = np.clip(np.round((y + 1.0) * 127.5), 0, 255).astype(np.uint8) if dtype == np.uint8 else y.astype(dtype)
+  y = resize_images(y, input_size)  # a new array either way (concatenated or resized): ours to change
+  np.clip(y, -1.0, 1.0, out=y)
+  y = from_unit_range(y) if dtype == np.uint8 else y.astype(dtype)
   return y[0] if single else y
+
+
+def from_unit_range(y: np.ndarray) -> np.ndarray:
+  """float32 [-1, 1] -> uint8, rounded to nearest; in place, as photo-sized outputs are large."""
+  y = np.add(y, 1.0, out=y)
+  y = np.multiply(y, 127.5, out=y)
+  return np.rint(y, out=y).astype(np.uint8)

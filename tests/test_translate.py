@@ -91,6 +91,40 @@ def test_contract_shapes_dtypes_single_and_batch(translator):
   assert translate_lib.translation_size(50, 70, 64, native=True) == (52, 72)
 
 
+def test_inputs_of_new_sizes_compile_no_new_network_program(translator):
+  rng = np.random.default_rng(7)
+  translate_lib.translate(translator, rng.integers(0, 256, (41, 57, 3), dtype=np.uint8))
+  compiled = translate_lib.translate_at_work_size._cache_size()
+  for shape in ((23, 90, 3), (64, 64, 3), (130, 71, 3)):
+    out = translate_lib.translate(translator, rng.integers(0, 256, shape, dtype=np.uint8))
+    assert out.shape == shape
+  translate_lib.translate(translator, rng.uniform(-1, 1, (77, 33, 3)).astype(np.float32))
+  assert translate_lib.translate_at_work_size._cache_size() == compiled
+
+
+def test_a_uint8_image_is_resized_as_the_test_transform_resizes(workdir, translator):
+  _, _, nets, state = workdir
+  image = np.random.default_rng(8).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+  seen = input_pipeline.to_unit_range(input_pipeline.resize(image, 64))  # what the test split feeds
+  z = models.encode(nets.disA, {"params": state.disc_params["disA"], "spectral": state.spectral["disA"]},
+                    seen[None])
+  want = translate_lib.resize_images(np.asarray(models.decode(nets.gen2B, state.gen_params["gen2B"], z)),
+                                     (50, 70))
+  want = np.clip(np.round((np.clip(want, -1, 1) + 1) * 127.5), 0, 255)
+  got = translate_lib.translate(translator, image).astype(np.float64)
+  assert np.abs(got - want[0]).max() <= 1  # float rounding at the uint8 boundary only
+
+
+def test_float_planes_resize_like_uint8_images_without_rounding():
+  image = np.random.default_rng(9).integers(0, 256, (1, 30, 40, 3), dtype=np.uint8)
+  for size in ((15, 20), (61, 83)):  # shrinking (antialiased) and enlarging
+    as_uint8 = translate_lib.resize_images(image, size).astype(np.float64)
+    as_float = translate_lib.resize_images(image.astype(np.float32), size)
+    assert as_float.shape == as_uint8.shape == (1, *size, 3) and as_float.dtype == np.float32
+    assert np.abs(as_float - as_uint8).max() <= 1.0  # the uint8 result is the float one, rounded
+    assert not np.all(as_float == np.round(as_float))
+
+
 def test_chunks_cover_the_batch_in_one_shape():
   images = np.arange(11)[:, None, None, None] * np.ones((11, 2, 2, 3))
   got = list(input_pipeline.padded_chunks(images, 4))
