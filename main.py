@@ -68,6 +68,10 @@ def run_translate() -> None:
   if not FLAGS.input or not FLAGS.output:
     raise app.UsageError("--mode=translate needs --input and --output")
   translator = translate_lib.load_translator(FLAGS.workdir)
+  try:
+    translate_lib.check_native(translator, FLAGS.native)
+  except ValueError as e:
+    raise app.UsageError(f"--native: {e}") from None
   report = translate_files.translate_folder(translator, FLAGS.input, FLAGS.output, FLAGS.direction,
                                             native=FLAGS.native)
   print(f"Wrote {len(report.written)} image(s) to {FLAGS.output}")

@@ -120,6 +120,12 @@ def check_images(images) -> tuple[np.ndarray, bool]:
   return batch, single
 
 
+def check_native(translator: Translator, native: bool) -> None:
+  if native and not translator.config.model.light:
+    raise ValueError("native-resolution translation needs a light model: the full model's MLP is "
+                     f"tied to img_size={translator.config.model.img_size}")
+
+
 def translation_size(height: int, width: int, img_size: int, native: bool) -> tuple[int, int]:
   if not native:
     return img_size, img_size
@@ -175,9 +181,7 @@ def translate(translator: Translator, images, direction: str = "A2B", *, native:
   """
   if direction not in DIRECTIONS:
     raise ValueError(f"direction must be one of {DIRECTIONS}; got {direction!r}")
-  if native and not translator.config.model.light:
-    raise ValueError("native-resolution translation needs a light model: the full model's MLP is "
-                     f"tied to img_size={translator.config.model.img_size}")
+  check_native(translator, native)
   batch, single = check_images(images)
   dtype = batch.dtype
   input_size = batch.shape[1:3]

@@ -16,7 +16,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from nicegan_jax import datasets, input_pipeline
-from nicegan_jax.inference import Translator, translate
+from nicegan_jax.inference import Translator, check_native, translate
 
 
 class FolderReport(NamedTuple):
@@ -41,6 +41,7 @@ def translate_folder(translator: Translator, input_path: str | pathlib.Path, out
                      direction: str = "A2B", *, native: bool = False,
                      progress: bool = True) -> FolderReport:
   """Translates every image under `input_path` (or that one file) into PNGs under `output_dir`."""
+  check_native(translator, native)  # before the loop, which would refuse every file
   root, files = _inputs(pathlib.Path(input_path).expanduser())
   output_dir = pathlib.Path(output_dir).expanduser()
   inputs = {f.resolve() for f in files}
@@ -51,12 +52,15 @@ def translate_folder(translator: Translator, input_path: str | pathlib.Path, out
       skipped.append(str(out))
       continue
     try:
-      image = datasets.read_rgb(f)
+      translated = translate(translator, datasets.read_rgb(f), direction, native=native)
     except datasets.DataError as e:
       unreadable.append(str(e))
       continue
+    except ValueError as e:  # readable, but outside translate's contract (e.g. smaller than 4x4)
+      unreadable.append(f"cannot translate {f}: {e}")
+      continue
     out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(translate(translator, image, direction, native=native)).save(out)
+    Image.fromarray(translated).save(out)
     written.append(out)
   return FolderReport(written, unreadable, skipped)
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from configs import test as test_config
 from conftest import ROOT, SHARED_DATA, image_size_and_mode
-from nicegan_jax import checkpoints, input_pipeline, models, train_state
+from nicegan_jax import checkpoints, input_pipeline, models, train_state, translate_files
 from nicegan_jax import inference as translate_lib
 
 
@@ -179,11 +179,14 @@ def test_folder_command_mirrors_names_reports_bad_files_and_spares_inputs(workdi
   Image.fromarray(rng.integers(0, 256, (33, 47, 3), dtype=np.uint8)).save(src / "odd.JPEG")
   Image.fromarray(rng.integers(0, 256, (64, 20), dtype=np.uint8)).save(src / "sub" / "gray.png")
   (src / "sub" / "broken.jpg").write_bytes(b"not a jpeg")
+  Image.fromarray(rng.integers(0, 256, (3, 3, 3), dtype=np.uint8)).save(src / "tiny.png")
   out = tmp_path / "out"
   result = run_main("--mode=translate", f"--workdir={workdir[0]}", f"--input={src}", f"--output={out}",
                     "--direction=B2A")
-  assert result.returncode == 1, result.stderr[-2000:]  # one unreadable file is reported, not fatal
+  assert result.returncode == 1, result.stderr[-2000:]  # the bad files are reported, not fatal
   assert "Wrote 2 image(s)" in result.stdout and "broken.jpg" in result.stdout
+  assert "cannot translate" in result.stdout and "tiny.png: images must be at least 4x4" in result.stdout
+  assert "Traceback" not in result.stderr
   assert image_size_and_mode(out / "odd.png")[0] == (47, 33)
   assert image_size_and_mode(out / "sub" / "gray.png") == ((20, 64), "RGB")
   # Writing next to the inputs never replaces one.
@@ -201,6 +204,25 @@ def test_folder_command_refuses_a_folder_without_images(workdir, tmp_path):
                     f"--output={tmp_path / 'out'}")
   assert result.returncode == 1
   assert f"error: no images under {tmp_path / 'in'}" in result.stderr
+  assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_native_translation_of_a_full_model_is_refused_before_any_file(tmp_path):
+  config = test_config.get_config()
+  config.model.light = False
+  nets = models.create_models(config.model)
+  ckpt = checkpoints.Checkpointer(tmp_path / "full" / "checkpoints")
+  ckpt.save(1, train_state.create_train_state(config, jax.random.PRNGKey(0), nets), config.to_dict())
+  ckpt.close()
+  (tmp_path / "in").mkdir()
+  Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "in" / "a.png")
+  with pytest.raises(ValueError, match="needs a light model"):
+    translate_files.translate_folder(translate_lib.load_translator(tmp_path / "full"), tmp_path / "in",
+                                     tmp_path / "out", native=True)
+  result = run_main("--mode=translate", f"--workdir={tmp_path / 'full'}", f"--input={tmp_path / 'in'}",
+                    f"--output={tmp_path / 'out'}", "--native")
+  assert result.returncode == 1
+  assert "--native: native-resolution translation needs a light model" in result.stderr
   assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 
 
