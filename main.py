@@ -29,7 +29,8 @@ config_flags.DEFINE_config_file("config", None, "Training config file (see confi
                                 "modes. Other modes read the config saved in the checkpoint.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, TensorBoard events, sample grids.")
 flags.DEFINE_enum("mode", "train", ["train", "translate", "test", "evaluate", "import_torch"],
-                  "train: train or resume in --workdir. translate: translate --input into --output. "
+                  "train: train or resume in --workdir (Ctrl-C or SIGTERM: a checkpoint at the step "
+                  "reached, then a stop). translate: translate --input into --output. "
                   "test: translate the whole test split into <workdir>/test/fakeA, fakeB. "
                   "evaluate: test, then FID and KIDx100 of A2B (vs testB) and B2A (vs testA), written "
                   "to <workdir>/eval_<step>.json and TensorBoard. import_torch: convert an original "
