@@ -226,6 +226,21 @@ def test_native_translation_of_a_full_model_is_refused_before_any_file(tmp_path)
   assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 
 
+def test_main_keeps_compiled_programs_in_the_cache_folder_unless_told_not_to(workdir, tmp_path):
+  image = tmp_path / "in.png"
+  Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(image)
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # not the tests' cache
+  env.update(JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  for flag, home in (([], tmp_path / "default"), (["--compilation_cache_dir="], tmp_path / "off")):
+    result = subprocess.run([sys.executable, "main.py", "--mode=translate", f"--workdir={workdir[0]}",
+                             f"--input={image}", f"--output={tmp_path / 'out'}", *flag], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600,
+                            env={**env, "NICEGAN_JAX_CACHE": str(home)})
+    assert result.returncode == 0, result.stderr[-2000:]
+  assert any((tmp_path / "default" / "xla_cache").iterdir())  # the translation program, at least
+  assert not (tmp_path / "off").exists()
+
+
 @pytest.mark.skipif(not (SHARED_DATA / "selfie2anime_sample").is_dir(),
                     reason="../shared/data/selfie2anime_sample is not present")
 def test_folder_command_on_real_images(workdir, tmp_path):
