@@ -71,9 +71,16 @@ def enable_compilation_cache(path: str | None) -> None:
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
       return
     path = str(datasets.default_cache_dir() / "xla_cache")
-  if path:
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
-    jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)
+  if not path:
+    return
+  path = os.path.expanduser(path)
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:  # a read-only home, say: run without the cache rather than warn at every compile
+    logging.warning("No compilation cache: cannot create %s (%s)", path, e)
+    return
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)
 
 
 class _QuietOrbaxInfo(pylogging.Filter):

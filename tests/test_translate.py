@@ -231,14 +231,19 @@ def test_main_keeps_compiled_programs_in_the_cache_folder_unless_told_not_to(wor
   Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(image)
   env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # not the tests' cache
   env.update(JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  for flag, home in (([], tmp_path / "default"), (["--compilation_cache_dir="], tmp_path / "off")):
+  stderr = {}
+  for name, flag in (("default", []), ("off", ["--compilation_cache_dir="]),
+                     ("unwritable", [f"--compilation_cache_dir={image}/cache"])):  # under a file
     result = subprocess.run([sys.executable, "main.py", "--mode=translate", f"--workdir={workdir[0]}",
                              f"--input={image}", f"--output={tmp_path / 'out'}", *flag], cwd=ROOT,
                             capture_output=True, text=True, timeout=600,
-                            env={**env, "NICEGAN_JAX_CACHE": str(home)})
+                            env={**env, "NICEGAN_JAX_CACHE": str(tmp_path / name)})
     assert result.returncode == 0, result.stderr[-2000:]
+    stderr[name] = result.stderr
   assert any((tmp_path / "default" / "xla_cache").iterdir())  # the translation program, at least
   assert not (tmp_path / "off").exists()
+  assert f"No compilation cache: cannot create {image}/cache" in stderr["unwritable"]
+  assert "persistent compilation cache" not in stderr["unwritable"]  # JAX's warning at every compile
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "selfie2anime_sample").is_dir(),
