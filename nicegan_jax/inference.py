@@ -2,13 +2,15 @@
 
 Owns: `Translator` (the config and, per direction, the source discriminator's encoder variables and the
 target generator's params), `load_translator(path)` (from a workdir or one checkpoint folder, config
-included), `translate(translator, images, direction)` with its input contract, and the folder and
-test-split commands.
+included), `translate(translator, images, direction)` with its input contract, and the jitted
+networks it runs at the work size (`translate_at_work_size`). The folder and test-split commands built
+on it are in `translate_files`.
 
 The contract of `translate`: images are (H, W, 3) or (N, H, W, 3), either uint8 in [0, 255] or floating
 point in [-1, 1]; the output has the same shape and dtype. By default the input is resized to the
 training size, translated and resized back, so the output has the input's size and aspect ratio
 (`native=True`: translate at the input's own size rounded up to a multiple of 4, light models only).
+The resizing runs on the host with PIL's filter, as training's (`resize_images`).
 """
 
 from __future__ import annotations
