@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import sys
 import time
 
 import flax.linen as nn
@@ -40,7 +41,7 @@ from flax import serialization
 from ml_collections import config_flags
 from PIL import Image
 
-from nicegan_jax import datasets, evaluation, inception, inference, train
+from nicegan_jax import datasets, evaluation, inception, inference, preemption, train
 
 HORSE, ZEBRA = datasets.ANIMAL_MNIST_CLASSES.index("horse"), datasets.ANIMAL_MNIST_CLASSES.index("zebra")
 CRITERIA = {"judge_zebra_rate": (">=", 0.8), "mask_iou": (">=", 0.6), "kid_x100": ("<=", 3.0)}
@@ -329,9 +330,13 @@ def run_benchmark(config, workdir: pathlib.Path, *, eval_only: bool = False, num
 
 def main(argv):
   del argv
-  results = run_benchmark(_CONFIG.value, pathlib.Path(FLAGS.workdir), eval_only=FLAGS.eval_only,
-                          num_test=FLAGS.num_test, judge_steps=FLAGS.judge_steps,
-                          every_checkpoint=FLAGS.every_checkpoint)
+  try:
+    results = run_benchmark(_CONFIG.value, pathlib.Path(FLAGS.workdir), eval_only=FLAGS.eval_only,
+                            num_test=FLAGS.num_test, judge_steps=FLAGS.judge_steps,
+                            every_checkpoint=FLAGS.every_checkpoint)
+  except preemption.TrainingInterrupted as e:  # Ctrl-C while training: the same command resumes
+    print(f"Training {e}; nothing scored", file=sys.stderr)
+    sys.exit(128 + e.signum)
   b = results["baselines"]
   print(f"steps {results['steps']}  train wall {results['train_wall_s'] / 60:.1f} min  "
         f"({results['train_img_per_s'] or 0:.2f} img/s)\n"
