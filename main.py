@@ -7,7 +7,6 @@
   python main.py --mode=import_torch --torch_checkpoint=cat2dog_params_latest.pt --workdir=runs/cat2dog
 """
 
-import logging as pylogging
 import os
 import pathlib
 import sys
@@ -20,7 +19,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from nicegan_jax import config_lib, convert, datasets, inception, preemption, sharding, train
+from nicegan_jax import checkpoints, config_lib, convert, datasets, inception, preemption, sharding
+from nicegan_jax import train
 from nicegan_jax import inference as translate_lib
 from nicegan_jax import translate_files
 
@@ -83,13 +83,6 @@ def enable_compilation_cache(path: str | None) -> None:
   jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)
 
 
-class _QuietOrbaxInfo(pylogging.Filter):
-  """Orbax narrates every save at INFO; keep its warnings and errors only."""
-
-  def filter(self, record):
-    return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
-
-
 def run_translate() -> None:
   if not FLAGS.input or not FLAGS.output:
     raise app.UsageError("--mode=translate needs --input and --output")
@@ -143,7 +136,7 @@ def run_import_torch() -> None:
 
 
 def main(argv):
-  logging.get_absl_handler().addFilter(_QuietOrbaxInfo())
+  logging.get_absl_handler().addFilter(checkpoints.QuietOrbaxInfo())
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   enable_compilation_cache(FLAGS.compilation_cache_dir)

@@ -27,6 +27,10 @@ from __future__ import annotations
 
 import json
 import os
+
+# TensorFlow (imported by clu's writers and TFDS) runs no computation of ours; without this it announces
+# its oneDNN CPU kernels at every start (as main.py).
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 import pathlib
 import sys
 import time
@@ -41,7 +45,7 @@ from flax import serialization
 from ml_collections import config_flags
 from PIL import Image
 
-from nicegan_jax import datasets, evaluation, inception, inference, preemption, train
+from nicegan_jax import checkpoints, datasets, evaluation, inception, inference, preemption, train
 
 HORSE, ZEBRA = datasets.ANIMAL_MNIST_CLASSES.index("horse"), datasets.ANIMAL_MNIST_CLASSES.index("zebra")
 CRITERIA = {"judge_zebra_rate": (">=", 0.8), "mask_iou": (">=", 0.6), "kid_x100": ("<=", 3.0)}
@@ -330,6 +334,7 @@ def run_benchmark(config, workdir: pathlib.Path, *, eval_only: bool = False, num
 
 def main(argv):
   del argv
+  logging.get_absl_handler().addFilter(checkpoints.QuietOrbaxInfo())
   try:
     results = run_benchmark(_CONFIG.value, pathlib.Path(FLAGS.workdir), eval_only=FLAGS.eval_only,
                             num_test=FLAGS.num_test, judge_steps=FLAGS.judge_steps,

@@ -17,6 +17,14 @@ import jax
 import orbax.checkpoint as ocp
 
 
+class QuietOrbaxInfo(logging.Filter):
+  """Orbax narrates every save and restore at INFO (dozens of lines a run); keep its warnings and
+  errors only. Entry points add it to their log handler."""
+
+  def filter(self, record):
+    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
 class Checkpointer:
   """Saves and restores `TrainState`s under `directory` (usually `<workdir>/checkpoints`)."""
 

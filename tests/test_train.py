@@ -61,6 +61,7 @@ def test_main_trains_end_to_end(dataset, tmp_path):
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert result.returncode == 0, result.stderr[-3000:]
   assert "step 4/4" in result.stderr and "steps/s" in result.stderr
+  assert "CheckpointManager created" not in result.stderr  # Orbax's INFO narration is filtered out
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
   assert (workdir / "config.json").is_file()
   tags, loss = read_tensorboard(workdir)
