@@ -60,6 +60,9 @@ flags.DEFINE_string("compilation_cache_dir", None, "XLA's persistent compilation
                     "again (most of a minute on an accelerator). Default: $JAX_COMPILATION_CACHE_DIR, else "
                     "~/.cache/nicegan_jax/xla_cache ($NICEGAN_JAX_CACHE moves it); '' turns it off.")
 flags.mark_flags_as_required(["workdir"])
+for _name in ("workdir", "input", "output"):
+  flags.register_validator(_name, lambda path: path is None or not checkpoints.is_url(path),
+                           f"--{_name} takes a local path: {checkpoints.URLS_NOT_SUPPORTED}")
 
 COMPILATION_CACHE_MAX_BYTES = 4 << 30  # least recently used programs are dropped beyond this
 

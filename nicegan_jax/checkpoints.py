@@ -1,10 +1,10 @@
 """Checkpoints with Orbax: async saves, keep the last K, restore the newest complete one.
 
-Owns: `Checkpointer`. Each checkpoint holds the whole `TrainState` (step, params, spectral-norm
-vectors, both optimiser states, rng) and the resolved config as JSON. Orbax writes a checkpoint under a
-temporary name and renames it when complete, so a run killed while saving leaves nothing that looks
-like a checkpoint; a checkpoint that is present but unreadable (damaged on disk) is skipped with a
-warning and the next older one is restored.
+Owns: `Checkpointer` and `local_path` (run folders are local paths). Each checkpoint holds the whole
+`TrainState` (step, params, spectral-norm vectors, both optimiser states, rng) and the resolved config
+as JSON. Orbax writes a checkpoint under a temporary name and renames it when complete, so a run killed
+while saving leaves nothing that looks like a checkpoint; a checkpoint that is present but unreadable
+(damaged on disk) is skipped with a warning and the next older one is restored.
 """
 
 from __future__ import annotations
@@ -15,6 +15,22 @@ import time
 
 import jax
 import orbax.checkpoint as ocp
+
+
+URLS_NOT_SUPPORTED = ("URLs (gs://, s3://, ...) are not supported; use a path on a filesystem every host "
+                      "mounts (NFS, Filestore, or the bucket through gcsfuse)")
+
+
+def is_url(path) -> bool:
+  return "://" in str(path)
+
+
+def local_path(path, what: str = "workdir") -> pathlib.Path:
+  """`path` as a pathlib.Path, refusing URLs: pathlib would quietly turn gs://bucket/run into a local
+  folder gs:/bucket/run on every host."""
+  if is_url(path):
+    raise ValueError(f"{what} {path}: {URLS_NOT_SUPPORTED}")
+  return pathlib.Path(path).expanduser()
 
 
 class QuietOrbaxInfo(logging.Filter):

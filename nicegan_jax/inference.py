@@ -26,7 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from PIL import Image
 
-from nicegan_jax import input_pipeline
+from nicegan_jax import checkpoints, input_pipeline
 from nicegan_jax import models as models_lib
 from nicegan_jax import train_state as train_state_lib
 
@@ -61,7 +61,7 @@ def checkpoint_dir(path: pathlib.Path) -> pathlib.Path:
 
 def load_translator(path: str | pathlib.Path) -> Translator:
   """Reads the config and only the inference weights (no optimiser state) from a checkpoint."""
-  ckpt = checkpoint_dir(pathlib.Path(path).expanduser().absolute())  # Orbax wants absolute paths
+  ckpt = checkpoint_dir(checkpoints.local_path(path, "checkpoint path").absolute())  # Orbax wants absolute
   checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
   config_dict = checkpointer.restore(ckpt, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
   config = ml_collections.ConfigDict(config_dict)

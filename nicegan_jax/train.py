@@ -219,8 +219,8 @@ def train_and_evaluate(config, workdir: str, *,
   `on_log(step, scalars)`, if given, is called on process 0 every `train.log_every_steps` with the
   logged scalars (every loss term, `steps_per_sec`, `eta_s`): live progress for notebooks and tools.
   """
+  workdir = checkpoints.local_path(workdir)
   config_lib.validate(config)
-  workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   t = config.train
   try:

@@ -2,6 +2,7 @@
 
 import importlib
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -102,3 +103,19 @@ def test_main_reports_a_bad_config_in_one_line_without_a_traceback(tmp_path, ove
   assert "Traceback" not in result.stderr
   assert "oneDNN" not in result.stderr  # nor TensorFlow's start-up banner
   assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_url_run_folders_are_refused_not_made_into_local_folders(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # where pathlib would have made a local "gs:" folder
+  for args in (["--config=configs/test.py", "--workdir=gs://bucket/run"],
+               ["--mode=translate", "--workdir=runs/x", "--input=s3://bucket/in", "--output=out"]):
+    result = subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode != 0 and "takes a local path: URLs (gs://, s3://, ...) are not" in result.stderr
+  from nicegan_jax import checkpoints, load_translator, train
+  with pytest.raises(ValueError, match="workdir gs://bucket/run: URLs"):
+    train.train_and_evaluate(importlib.import_module("configs.test").get_config(), "gs://bucket/run")
+  with pytest.raises(ValueError, match="checkpoint path gs://bucket/run: URLs"):
+    load_translator("gs://bucket/run")
+  assert checkpoints.local_path("~/runs/x") == pathlib.Path.home() / "runs" / "x"
+  assert list(tmp_path.iterdir()) == [] and not (ROOT / "gs:").exists() and not (ROOT / "s3:").exists()
