@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
+import sys
+import time
 
 # TensorFlow (imported by clu's writers and TFDS) runs no computation of ours; without this it announces
 # its oneDNN CPU kernels at every start (as main.py).
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-import pathlib
-import sys
-import time
 
 import flax.linen as nn
 import jax

@@ -63,6 +63,16 @@ def list_images(folder: pathlib.Path) -> list[pathlib.Path]:
   return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
+def require_images(folder: pathlib.Path) -> list[pathlib.Path]:
+  """`list_images(folder)`, or DataError when there are none: a mistyped or empty folder is named, not
+  taken for an empty result."""
+  files = list_images(folder)
+  if not files:
+    raise DataError(f"no images under {folder} (looked for {', '.join(IMAGE_EXTENSIONS)}, any case, "
+                    "in sub-folders too)")
+  return files
+
+
 def read_rgb(path: pathlib.Path) -> np.ndarray:
   """An image file as (H, W, 3) uint8; grayscale, RGBA and palette images are converted to RGB.
 
@@ -93,10 +103,7 @@ def _folder_files(root: pathlib.Path) -> dict[str, list[pathlib.Path]]:
     folder = root / split
     if not folder.is_dir():
       raise DataError(f"missing folder {folder}: an image-folder dataset needs {', '.join(SPLITS)}")
-    files[split] = list_images(folder)
-    if not files[split]:
-      raise DataError(f"no images in {folder} (looked for {', '.join(IMAGE_EXTENSIONS)}, any case, "
-                       "in nested folders too)")
+    files[split] = require_images(folder)
   return files
 
 

@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from PIL import Image
 
 from nicegan_jax import checkpoints, input_pipeline
 from nicegan_jax import models as models_lib
@@ -154,10 +153,9 @@ def resize_images(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   per batch size at the size they work at (seconds for a 256px model), which a folder of photos of
   many sizes would otherwise pay per photo.
   """
-  height, width = size
-  if tuple(images.shape[1:3]) == (height, width):
+  if tuple(images.shape[1:3]) == tuple(size):
     return images
-  resize = lambda plane: np.asarray(Image.fromarray(plane).resize((width, height), Image.BILINEAR))
+  resize = lambda image: input_pipeline.resize(image, size)
   if images.dtype == np.uint8:
     return np.stack([resize(image) for image in images])
   return np.stack([np.stack([resize(np.ascontiguousarray(image[..., c], np.float32))
@@ -197,12 +195,5 @@ def translate(translator: Translator, images, direction: str = "A2B", *, native:
       x, chunk_size(jax.default_backend()))])
   y = resize_images(y, input_size)  # a new array either way (concatenated or resized): ours to change
   np.clip(y, -1.0, 1.0, out=y)
-  y = from_unit_range(y) if dtype == np.uint8 else y.astype(dtype)
+  y = input_pipeline.from_unit_range(y) if dtype == np.uint8 else y.astype(dtype)
   return y[0] if single else y
-
-
-def from_unit_range(y: np.ndarray) -> np.ndarray:
-  """float32 [-1, 1] -> uint8, rounded to nearest; in place, as photo-sized outputs are large."""
-  y = np.add(y, 1.0, out=y)
-  y = np.multiply(y, 127.5, out=y)
-  return np.rint(y, out=y).astype(np.uint8)

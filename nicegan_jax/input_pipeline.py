@@ -31,6 +31,14 @@ def to_unit_range(image: np.ndarray) -> np.ndarray:
   return image.astype(np.float32) / 127.5 - 1.0
 
 
+def from_unit_range(y: np.ndarray) -> np.ndarray:
+  """float32 [-1, 1] -> uint8, rounded to nearest (half to even); in place, as photo-sized outputs are
+  large."""
+  y = np.add(y, 1.0, out=y)
+  y = np.multiply(y, 127.5, out=y)
+  return np.rint(y, out=y).astype(np.uint8)
+
+
 def padded_chunks(items: np.ndarray, size: int | None) -> Iterator[tuple[np.ndarray, int]]:
   """(chunk, number of real items in it) over `items`, each chunk of `size` items, the last one padded
   with copies of its last item so that every call has one shape (compiled once). With `size` None, or
@@ -46,11 +54,13 @@ def padded_chunks(items: np.ndarray, size: int | None) -> Iterator[tuple[np.ndar
     yield chunk, n
 
 
-def resize(image: np.ndarray, size: int) -> np.ndarray:
-  """Bilinear resize to size x size with PIL, as torchvision's Resize on PIL images (aspect not kept)."""
-  if image.shape[0] == size and image.shape[1] == size:
+def resize(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+  """Bilinear resize to size x size (or (height, width)) with PIL, as torchvision's Resize on PIL images
+  (aspect not kept; antialiased when shrinking). An RGB uint8 image or one float32 plane."""
+  height, width = (size, size) if isinstance(size, int) else size
+  if image.shape[:2] == (height, width):
     return image
-  return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+  return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
 
 
 def train_transform(image: np.ndarray, rng: np.random.Generator, *, img_size: int, margin: int,

@@ -30,11 +30,7 @@ def _inputs(path: pathlib.Path) -> tuple[pathlib.Path, list[pathlib.Path]]:
     return path.parent, [path]
   if not path.is_dir():
     raise FileNotFoundError(f"input {path} does not exist")
-  files = datasets.list_images(path)
-  if not files:  # a mistyped folder should not look like a successful run that wrote nothing
-    raise datasets.DataError(f"no images under {path} (looked for {', '.join(datasets.IMAGE_EXTENSIONS)}, "
-                             "any case, in sub-folders too)")
-  return path, files
+  return path, datasets.require_images(path)  # not an empty run that looks like a success
 
 
 def translate_folder(translator: Translator, input_path: str | pathlib.Path, output_dir: str | pathlib.Path,

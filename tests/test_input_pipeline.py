@@ -63,7 +63,7 @@ def test_empty_or_missing_domain_is_named(tmp_path):
   root = make_folder(tmp_path / "data")
   for f in (root / "testB").iterdir():
     f.unlink()
-  with pytest.raises(datasets.DataError, match="no images in .*testB"):
+  with pytest.raises(datasets.DataError, match="no images under .*testB"):
     datasets.load_domains(data_config(root, tmp_path / "cache"), img_size=64)
   (root / "testB").rmdir()
   with pytest.raises(datasets.DataError, match="missing folder .*testB"):
