@@ -6,7 +6,9 @@ train step over N timed steps after warm-up (each waited for), the mean over N s
 back as the training loop runs them ("pipelined"), train images/s (one A plus one B image per batch
 element), translate images/s at batch 1 and 32, peak device memory (peak RSS on CPU), XLA's memory plan
 of the step, the FLOPs of one step from XLA's cost analysis and, on GPU/TPU, the fraction of the chip's
-peak FLOP/s it reaches.
+peak FLOP/s it reaches, and how many operations the compiled step launches one by one
+(`hlo_ops.launched_ops`: about one kernel each on a GPU). `--profile DIR` then traces a few more steps
+with jax.profiler, for TensorBoard's profile plugin or xprof.
 `--torch` also times the PyTorch reference (tests/torch_reference.py, eager, same sizes, CPU) in the
 same process, and reports our speed-up over it. `--loop N` also times the training loop itself over
 about N steps (main.py's loop on Animal-MNIST: the input pipeline, `train.prefetch`, metrics and logging)
@@ -115,7 +117,12 @@ def abstract_setup(config) -> tuple:
   return models, mesh, shapes, sharding.state_shardings(shapes, mesh, config.mesh.shard_min_size)
 
 
-def time_train(config, *, steps: int, warmup: int) -> dict:
+PROFILED_STEPS = 3  # steps traced by --profile, after the timed ones
+
+
+def time_train(config, *, steps: int, warmup: int, profile_dir: str | None = None) -> dict:
+  """Times the train step; with `profile_dir`, then traces PROFILED_STEPS more steps into it."""
+  from benchmarks import hlo_ops
   from nicegan_jax import sharding, step as step_lib, train_state
   models, mesh, _, shardings = abstract_setup(config)
   k = config.train.steps_per_dispatch
@@ -129,6 +136,7 @@ def time_train(config, *, steps: int, warmup: int) -> dict:
   compile_s = time.perf_counter() - start
   flops = flops_of(compiled)
   buffer_bytes = step_buffer_bytes(compiled)
+  launched = hlo_ops.summary(compiled.as_text())
   if k > 1:  # XLA's cost analysis counts a loop's body once: count one unstacked step
     flops = traced_flops(config, models, mesh, shardings, state)
   times = []
@@ -144,7 +152,12 @@ def time_train(config, *, steps: int, warmup: int) -> dict:
     state, metrics = compiled(state, batch)
   jax.block_until_ready((state, metrics))
   pipelined = (time.perf_counter() - start) / (steps * k)
-  return {"compile_s": compile_s, "step_s_median": statistics.median(times), "step_s_min": min(times),
+  if profile_dir:
+    with jax.profiler.trace(profile_dir):
+      for _ in range(PROFILED_STEPS):
+        state, metrics = compiled(state, batch)
+      jax.block_until_ready((state, metrics))
+  return {"hlo_ops": launched, "compile_s": compile_s, "step_s_median": statistics.median(times), "step_s_min": min(times),
           "step_s_pipelined": pipelined, "flops_per_step": flops, "memory_plan": buffer_bytes,
           "models": models, "state": state}
 
@@ -253,7 +266,7 @@ def measure(args) -> dict:
   config = make_config(args)
   if args.flops_only:
     return count_flops(args, config)
-  train = time_train(config, steps=args.steps, warmup=args.warmup)
+  train = time_train(config, steps=args.steps, warmup=args.warmup, profile_dir=args.profile)
   device = jax.devices()[0]
   result = {
       **settings_of(args, config),
@@ -264,7 +277,10 @@ def measure(args) -> dict:
       "train_img_per_s": 2 * args.batch / train["step_s_median"],
       "flops_per_step": train["flops_per_step"],
       **train["memory_plan"],
+      "hlo_ops_per_dispatch": train["hlo_ops"]["total"], "hlo_ops_by_opcode": train["hlo_ops"]["by_opcode"],
   }
+  if args.profile:
+    result["profile_dir"] = args.profile
   peak = chip_peak_flops(device)
   if peak and train["flops_per_step"]:
     result["peak_fraction"] = train["flops_per_step"] / train["step_s_median"] / (peak * result["devices"])
@@ -407,6 +423,9 @@ def parse(argv=None):
                  help="only count the step's FLOPs as traced, before XLA's optimisations (nothing compiled "
                       "or run: any size, in seconds); on a CPU add --conv_weight_grad=xla --no_winograd "
                       "for the convolutions a GPU or TPU runs")
+  p.add_argument("--profile", metavar="DIR", default=None,
+                 help=f"after the timings, trace {PROFILED_STEPS} more steps with jax.profiler into DIR "
+                      "(open with TensorBoard's profile plugin or xprof)")
   p.add_argument("--json", action="store_true", help="print one JSON line")
   p.add_argument("--table", metavar="JSONL", help="only print the markdown table of a file of JSON lines")
   args = p.parse_args(argv)
@@ -451,6 +470,10 @@ def main(argv=None) -> int:
         f"(min {result['step_s_min'] * 1e3:.1f})   {result['train_iter_per_s']:.2f} it/s   "
         f"{result['train_img_per_s']:.2f} img/s   pipelined (no wait between steps) "
         f"{result['train_iter_per_s_pipelined']:.2f} it/s")
+  print(f"operations launched per dispatch (XLA's compiled step): {result['hlo_ops_per_dispatch']} "
+        f"({', '.join(f'{op} {n}' for op, n in result['hlo_ops_by_opcode'].items())})")
+  if "profile_dir" in result:
+    print(f"profile of {PROFILED_STEPS} steps: {result['profile_dir']}")
   if result.get("flops_per_step"):
     print(f"FLOPs/step {result['flops_per_step'] / 1e9:.1f} G" +
           (f"   {100 * result['peak_fraction']:.1f}% of peak" if "peak_fraction" in result else ""))

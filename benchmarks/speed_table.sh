@@ -7,8 +7,9 @@
 # Environment: SPEED_TABLE_BUDGET_S=N starts no row with less than SPEED_TABLE_MIN_ROW_S (default 60)
 # seconds of the N left and stops a row that runs past them (for a leased accelerator's time limit);
 # SPEED_TABLE_ROWS picks the rows on any backend (cpu, accelerator, or options: remat, steps per
-# dispatch and prefetch, each against the same row without it) and SPEED_TABLE_ARGS is appended to
-# every row, e.g. to try the accelerator rows on a CPU:
+# dispatch and prefetch, each against the same row without it), SPEED_TABLE_ARGS is appended to
+# every row and SPEED_TABLE_PROFILE_DIR=D also writes a jax.profiler trace of the two target rows
+# under D/<row>, e.g. to try the accelerator rows on a CPU:
 #   SPEED_TABLE_ROWS=accelerator SPEED_TABLE_ARGS="--img_size=64 --ch=8 --n_res=1 --steps=2" \
 #     bash benchmarks/speed_table.sh /tmp/rows.jsonl
 set -uo pipefail
@@ -17,6 +18,9 @@ out="${1:-speed_table.jsonl}"
 : > "$out"
 deadline=$(( $(date +%s) + ${SPEED_TABLE_BUDGET_S:-1000000} ))
 extra=(${SPEED_TABLE_ARGS:-})
+profile() {  # profile NAME: the --profile flag of a row, when SPEED_TABLE_PROFILE_DIR is set
+  [ -z "${SPEED_TABLE_PROFILE_DIR:-}" ] || echo "--profile=$SPEED_TABLE_PROFILE_DIR/$1"
+}
 row() {
   local left=$(( deadline - $(date +%s) ))
   if [ "$left" -lt "${SPEED_TABLE_MIN_ROW_S:-60}" ]; then echo "skipped, ${left}s left: $*" >&2; return 0; fi
@@ -47,8 +51,8 @@ cpu)
 accelerator)
   # The two targets (bfloat16 at batch 1: iterations/s; at batch 8: fraction of peak), then float32,
   # then the options. Translation speed on the first two batch-1 rows only (it compiles two programs).
-  row --img_size=256 --batch=1 --steps=50 --dtype=bfloat16
-  row --img_size=256 --batch=8 --steps=20 --dtype=bfloat16 --no_translate
+  row --img_size=256 --batch=1 --steps=50 --dtype=bfloat16 $(profile light256_b1_bf16)
+  row --img_size=256 --batch=8 --steps=20 --dtype=bfloat16 --no_translate $(profile light256_b8_bf16)
   row --img_size=256 --batch=1 --steps=50 --dtype=float32
   row --img_size=256 --batch=8 --steps=20 --dtype=float32 --no_translate
   row --img_size=256 --batch=1 --steps=50 --dtype=bfloat16 --steps_per_dispatch=10 --no_translate

@@ -279,11 +279,11 @@ def test_stacked_groups_consecutive_batches():
   assert out["A"].shape == (3, 2, 1) and out["A"][:, 0, 0].tolist() == [0, 1, 2]
 
 
-def test_speed_benchmark_reports_every_field(capsys):
+def test_speed_benchmark_reports_every_field(capsys, tmp_path):
   from benchmarks import speed
   argv = ["--img_size=64", "--ch=8", "--n_res=1", "--batch=2", "--steps=2", "--warmup=1",
           "--translate_repeats=1", "--conv_weight_grad=xla", "--loop=12", "--prefetch=1",
-          "--json"]  # xla: compiles faster at ch 8
+          f"--profile={tmp_path / 'profile'}", "--json"]  # xla: compiles faster at ch 8
   args = speed.parse(argv)
   assert speed.main(argv) == 0
   result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -304,6 +304,41 @@ def test_speed_benchmark_reports_every_field(capsys):
   assert result["loop_steps"] == 10 and result["prefetch"] == 1 and result["loop_step_s"] > 0
   assert result["loop_overhead_fraction"] == pytest.approx(
       1 - result["step_s_pipelined"] / result["loop_step_s"])
+  # The launched operations: the step's convolutions among them (XLA's own, with --conv_weight_grad=xla).
+  by_opcode = result["hlo_ops_by_opcode"]
+  assert result["hlo_ops_per_dispatch"] >= sum(by_opcode.values()) > 0
+  assert by_opcode.get("convolution", 0) > 0 and by_opcode.get("fusion", 0) > 0
+  # --profile: a trace TensorBoard's profile plugin reads.
+  assert result["profile_dir"] == str(tmp_path / "profile")
+  assert list((tmp_path / "profile").glob("plugins/profile/*/*.xplane.pb"))
+
+
+def test_launched_ops_count_loop_bodies_once_and_skip_what_does_no_work():
+  from benchmarks import hlo_ops
+
+  def hlo_text(length: int) -> str:
+    def program(x):
+      def body(carry, _):
+        return jnp.tanh(carry @ carry), None
+      return jax.lax.scan(body, x, None, length=length)[0].sum()
+    return jax.jit(program).lower(jnp.ones((8, 8))).compile().as_text()
+
+  text = hlo_text(5)
+  counts = hlo_ops.launched_ops(text)
+  assert counts["while"] == 1 and counts == hlo_ops.launched_ops(hlo_text(50))  # a body counts once
+  bodies, entry = hlo_ops.computations(text)
+  entry_ops = [i for i in bodies[entry] if hlo_ops.opcode(i) not in hlo_ops.NO_WORK]
+  assert sum(counts.values()) >= len(entry_ops) + 3  # the body's matmul, tanh and counter, the loop test
+  assert not set(counts) & hlo_ops.NO_WORK
+  assert hlo_ops.summary(text, top=2)["total"] == sum(counts.values())
+  assert len(hlo_ops.summary(text, top=2)["by_opcode"]) == 2
+
+
+def test_opcode_reads_plain_and_tuple_shaped_instructions():
+  from benchmarks import hlo_ops
+  assert hlo_ops.opcode("%a.1 = f32[2,3]{1,0} add(f32[2,3]{1,0} %x, f32[2,3]{1,0} %y)") == "add"
+  assert hlo_ops.opcode("ROOT %w = (s32[], f32[4,4]{1,0}) while(%t), condition=%c, body=%b") == "while"
+  assert hlo_ops.opcode("%c = f32[] constant(0)") == "constant"
 
 
 def test_speed_benchmark_counts_flops_without_compiling(capsys):
