@@ -234,8 +234,8 @@ def time_loop(config, steps: int) -> dict:
 def keep_off_winograd() -> None:
   """Keeps every conv off Winograd's F(2x2, 3x3) in the CPU setting (`--no_winograd`): the baseline that
   measures what it gains. Must run before the step is traced."""
-  from nicegan_jax import layers
-  layers.WINOGRAD_MIN_TILES = sys.maxsize
+  from nicegan_jax import convolutions
+  convolutions.WINOGRAD_MIN_TILES = sys.maxsize
 
 
 def settings_of(args, config) -> dict:

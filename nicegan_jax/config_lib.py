@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pathlib
 
-from nicegan_jax import datasets, layers, train_state
+from nicegan_jax import convolutions, datasets, train_state
 from nicegan_jax.models import discriminator_feature_sizes
 
 CYCLE_GAN_NAMES = ("apple2orange", "summer2winter_yosemite", "horse2zebra", "monet2photo",
@@ -59,7 +59,7 @@ def validate_model(m) -> None:
   _require(m.ch >= 1, "model.ch", m.ch, "must be >= 1")
   _require(m.n_res >= 0, "model.n_res", m.n_res, "must be >= 0")
   _require(m.dtype in DTYPES, "model.dtype", m.dtype, f"use one of {', '.join(DTYPES)}")
-  weight_grads = ("auto", *layers.WEIGHT_GRADS)
+  weight_grads = ("auto", *convolutions.WEIGHT_GRADS)
   _require(m.get("conv_weight_grad", "auto") in weight_grads, "model.conv_weight_grad",
            m.get("conv_weight_grad"), f"use one of {', '.join(weight_grads)}")
 

@@ -139,7 +139,7 @@ def chunk_size(backend: str) -> int | None:
   XLA:CPU's convolutions lose throughput on large batches (`benchmarks/speed.py`: 32 images in one call
   translate at two thirds the rate of 8 at a time at 64x64, at half the rate of one at a time at
   128x128); accelerators gain from them. Most of that loss was the narrow convolutions, which now run
-  as output taps on a CPU (`layers.conv_output_taps`), so the chunking mainly bounds memory.
+  as output taps on a CPU (`convolutions.conv_output_taps`), so the chunking mainly bounds memory.
   """
   return 8 if backend == "cpu" else None
 

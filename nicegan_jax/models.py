@@ -82,7 +82,7 @@ class Discriminator(nn.Module):
   ch: int = 64
   n_layers: int = 7
   dtype: Dtype = jnp.float32
-  weight_grad: str = "xla"  # layers.WEIGHT_GRADS: how convs compute their gradients (kernel, small-map input)
+  weight_grad: str = "xla"  # convolutions.WEIGHT_GRADS: how convs are computed (convolutions.select)
 
   def _sn_conv(self, features: int, stride: int, name: str, use_bias: bool = True, pad: int = 1):
     return layers.Conv(features, 4, stride=stride, pad=pad, use_bias=use_bias, spectral_norm=True,
@@ -137,7 +137,7 @@ class Generator(nn.Module):
   light: bool = True
   dtype: Dtype = jnp.float32
   remat: bool = False  # recompute the residual blocks' activations in the backward pass (saves memory)
-  weight_grad: str = "xla"  # layers.WEIGHT_GRADS: how convs compute their gradients (kernel, small-map input)
+  weight_grad: str = "xla"  # convolutions.WEIGHT_GRADS: how convs are computed (convolutions.select)
 
   @nn.compact
   def __call__(self, z: jax.Array) -> jax.Array:
@@ -179,7 +179,7 @@ class Models(NamedTuple):
 
 
 def conv_weight_grad_for(setting: str, backend: str | None = None) -> str:
-  """`config.model.conv_weight_grad` -> a layers.WEIGHT_GRADS value: "auto" is "matmul" on CPUs (where
+  """`config.model.conv_weight_grad` -> a convolutions.WEIGHT_GRADS value: "auto" is "matmul" on CPUs (where
   XLA's weight-gradient convolution is slow at small batches) and "xla" on GPUs and TPUs."""
   if setting != "auto":
     return setting

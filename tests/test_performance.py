@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from nicegan_jax import config_lib, input_pipeline, layers, models as models_lib, step, train_state
+from nicegan_jax import config_lib, convolutions, input_pipeline, layers, models as models_lib, step
+from nicegan_jax import train_state
 
 
 def random_batch(seed, batch_size, img_size):
@@ -64,10 +65,10 @@ def test_conv_narrow_equals_xla_with_its_gradients(size, kernel, stride):
   # The shifted sums must pick every tap's outputs at the strided positions, and the gradients are XLA's.
   x = jax.random.normal(jax.random.PRNGKey(0), (3, size, size, 8))
   w = jax.random.normal(jax.random.PRNGKey(1), (kernel, kernel, 8, 3))
-  y = layers.conv_valid(x, w, stride)
+  y = convolutions.conv_valid(x, w, stride)
   dy = jax.random.normal(jax.random.PRNGKey(2), y.shape)
-  narrow_y, narrow_vjp = jax.vjp(lambda x, w: layers.conv_narrow(x, w, stride), x, w)
-  _, xla_vjp = jax.vjp(lambda x, w: layers.conv_valid(x, w, stride), x, w)
+  narrow_y, narrow_vjp = jax.vjp(lambda x, w: convolutions.conv_narrow(x, w, stride), x, w)
+  _, xla_vjp = jax.vjp(lambda x, w: convolutions.conv_valid(x, w, stride), x, w)
   np.testing.assert_allclose(narrow_y, y, rtol=1e-5, atol=1e-5 * float(np.abs(y).max()))
   for a, b in zip(narrow_vjp(dy), xla_vjp(dy)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * float(np.abs(b).max()))
@@ -84,7 +85,7 @@ def test_output_taps_forward_for_kernels_with_few_columns(batch, size, features_
   # the matmul's result is small where `conv_padded` is the alternative.
   x = jnp.zeros((batch, size, size, features_in))
   weights = jnp.zeros((kernel, kernel, features_in, features))
-  assert layers._uses_output_taps_forward(x, weights, 1) == expected
+  assert convolutions._uses_output_taps_forward(x, weights, 1) == expected
 
 
 @pytest.mark.parametrize("batch,size,features_in,kernel,stride,expected", [
@@ -96,7 +97,7 @@ def test_taps_forward_where_xla_cpu_is_slower(batch, size, features_in, kernel, 
   # From 256+ channels onto maps of at most 32x32 outputs (66 -> 32 at stride 2), whatever the batch,
   # at stride 1 only under 8x8 outputs.
   x = jnp.zeros((batch, size, size, features_in))
-  assert layers._uses_taps_forward(x, jnp.zeros((kernel, kernel, features_in, 64)), stride) == expected
+  assert convolutions._uses_taps_forward(x, jnp.zeros((kernel, kernel, features_in, 64)), stride) == expected
 
 
 @pytest.mark.parametrize("size,kernel,stride", [(10, 3, 1), (13, 7, 1), (11, 4, 2), (12, 3, 3)])
@@ -104,8 +105,8 @@ def test_conv_padded_equals_xla_unpadded_conv_with_its_gradients(size, kernel, s
   # The zero row below the input must only ever reach the dropped output row.
   x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size + 1, 5))
   w = jax.random.normal(jax.random.PRNGKey(1), (kernel, kernel, 5, 6))
-  y, valid_vjp = jax.vjp(lambda x, w: layers.conv_valid(x, w, stride), x, w)
-  padded_y, padded_vjp = jax.vjp(lambda x, w: layers.conv_padded(x, w, stride), x, w)
+  y, valid_vjp = jax.vjp(lambda x, w: convolutions.conv_valid(x, w, stride), x, w)
+  padded_y, padded_vjp = jax.vjp(lambda x, w: convolutions.conv_padded(x, w, stride), x, w)
   assert padded_y.shape == y.shape
   np.testing.assert_allclose(padded_y, y, rtol=1e-6, atol=1e-6 * float(np.abs(y).max()))
   dy = jax.random.normal(jax.random.PRNGKey(2), y.shape)
@@ -117,7 +118,7 @@ def test_conv_padded_equals_xla_unpadded_conv_with_its_gradients(size, kernel, s
     (10, 3, 1, True), (9, 3, 1, False), (16, 1, 1, False), (34, 4, 2, False)])
 def test_conv_padded_for_stride_1_kernels_onto_8x8_outputs_or_more(size, kernel, stride, expected):
   x = jnp.zeros((1, size, size, 4))
-  assert layers._uses_padded(x, jnp.zeros((kernel, kernel, 4, 4)), stride) == expected
+  assert convolutions._uses_padded(x, jnp.zeros((kernel, kernel, 4, 4)), stride) == expected
 
 
 @pytest.mark.parametrize("height,width", [(18, 18), (9, 12), (3, 3), (7, 8)])
@@ -126,8 +127,8 @@ def test_conv_winograd_equals_xla_conv_with_its_gradients(height, width):
   # every tile position and both gradients, against XLA's convolution.
   x = jax.random.normal(jax.random.PRNGKey(0), (3, height, width, 6))
   w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 6, 5))
-  y, xla_vjp = jax.vjp(lambda x, w: layers.conv_valid(x, w, 1), x, w)
-  winograd_y, winograd_vjp = jax.vjp(layers.conv_winograd, x, w)
+  y, xla_vjp = jax.vjp(lambda x, w: convolutions.conv_valid(x, w, 1), x, w)
+  winograd_y, winograd_vjp = jax.vjp(convolutions.conv_winograd, x, w)
   assert winograd_y.shape == y.shape
   # The transforms add up to 4 terms twice over: float32 rounding of a few times each array's max.
   np.testing.assert_allclose(winograd_y, y, rtol=1e-5, atol=1e-6 * float(np.abs(y).max()))
@@ -138,7 +139,7 @@ def test_conv_winograd_equals_xla_conv_with_its_gradients(height, width):
 
 def test_conv_winograd_refuses_other_kernel_sizes():
   with pytest.raises(ValueError, match="3x3"):
-    layers.conv_winograd(jnp.zeros((1, 8, 8, 2)), jnp.zeros((4, 4, 2, 2)))
+    convolutions.conv_winograd(jnp.zeros((1, 8, 8, 2)), jnp.zeros((4, 4, 2, 2)))
 
 
 @pytest.mark.parametrize("batch,size,features_in,features,kernel,stride,dtype,expected", [
@@ -151,7 +152,8 @@ def test_conv_winograd_refuses_other_kernel_sizes():
 def test_winograd_for_wide_3x3_stride_1_convs_over_enough_tiles(batch, size, features_in, features, kernel,
                                                                  stride, dtype, expected):
   x = jnp.zeros((batch, size, size, features_in), dtype)
-  assert layers._uses_winograd(x, jnp.zeros((kernel, kernel, features_in, features), dtype), stride) == expected
+  kernel_array = jnp.zeros((kernel, kernel, features_in, features), dtype)
+  assert convolutions._uses_winograd(x, kernel_array, stride) == expected
 
 
 def test_conv_weight_grad_auto_is_matmul_on_cpu_only_and_checked():
@@ -373,10 +375,11 @@ def test_speed_benchmark_refuses_bad_values_by_name(argv, message, capsys):
 def test_speed_benchmark_can_keep_convs_off_winograd(monkeypatch):
   from benchmarks import speed
   wide = (jnp.zeros((8, 18, 18, 256)), jnp.zeros((3, 3, 256, 256)), 1)
-  assert layers._uses_winograd(*wide)
-  monkeypatch.setattr(layers, "WINOGRAD_MIN_TILES", layers.WINOGRAD_MIN_TILES)  # restored after the test
+  assert convolutions._uses_winograd(*wide)
+  # Set to its own value, so that the test restores it afterwards.
+  monkeypatch.setattr(convolutions, "WINOGRAD_MIN_TILES", convolutions.WINOGRAD_MIN_TILES)
   speed.keep_off_winograd()
-  assert not layers._uses_winograd(*wide)
+  assert not convolutions._uses_winograd(*wide)
 
 
 def test_speed_table_shows_each_rows_measurements_and_non_default_options():
