@@ -383,7 +383,7 @@ def test_speed_benchmark_can_keep_convs_off_winograd(monkeypatch):
 
 
 def test_speed_table_shows_each_rows_measurements_and_non_default_options():
-  from benchmarks import speed
+  from benchmarks import speed_report
   base = {"img_size": 64, "ch": 64, "light": True, "batch": 8, "dtype": "float32", "remat": False,
           "steps_per_dispatch": 1, "devices": 1, "winograd": True, "compile_s": 96.4,
           "step_s_median": 4.97, "train_iter_per_s": 1 / 4.97, "train_img_per_s": 16 / 4.97,
@@ -395,7 +395,7 @@ def test_speed_table_shows_each_rows_measurements_and_non_default_options():
   cpu_slow = dict(cpu, conv_weight_grad="xla", winograd=False, speedup_vs_torch=0.74)
   gpu = dict(base, backend="gpu", device="NVIDIA H200", conv_weight_grad="xla", remat=True,
              steps_per_dispatch=10, step_s_median=0.0125, peak_fraction=0.412)
-  header, rule, *lines = speed.markdown_table([cpu, cpu_slow, gpu]).splitlines()
+  header, rule, *lines = speed_report.markdown_table([cpu, cpu_slow, gpu]).splitlines()
   assert header.count("|") == rule.count("|") == lines[0].count("|") == 17
   cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
   columns = [c.strip() for c in header.strip("|").split("|")]
@@ -412,7 +412,7 @@ def test_speed_table_shows_each_rows_measurements_and_non_default_options():
   assert accel["XLA's step buffers (temporaries)"] == ""
   assert "training loop step (prefetch)" not in columns  # only when a row timed the loop
   looped = dict(cpu, loop_step_s=5.31, prefetch=0)
-  header, _, *lines = speed.markdown_table([cpu, looped]).splitlines()
+  header, _, *lines = speed_report.markdown_table([cpu, looped]).splitlines()
   columns = [c.strip() for c in header.strip("|").split("|")]
   plain, loop = (dict(zip(columns, [c.strip() for c in line.strip("|").split("|")])) for line in lines)
   assert len(columns) == 18 and loop["training loop step (prefetch)"] == "5.31 s (0)"
