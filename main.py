@@ -5,6 +5,7 @@
   python main.py --mode=test --workdir=runs/demo        # testA -> fakeB/, testB -> fakeA/ in the workdir
   python main.py --mode=evaluate --workdir=runs/demo    # the above, then FID / KIDx100 both ways
   python main.py --mode=import_torch --torch_checkpoint=cat2dog_params_latest.pt --workdir=runs/cat2dog
+  python main.py --mode=export --workdir=runs/demo --output=horse2zebra.jaxexport --direction=A2B
 """
 
 import os
@@ -21,6 +22,7 @@ from ml_collections import config_flags
 
 from nicegan_jax import checkpoints, config_lib, convert, datasets, inception, preemption, sharding
 from nicegan_jax import train
+from nicegan_jax import export as export_lib
 from nicegan_jax import inference as translate_lib
 from nicegan_jax import translate_files
 
@@ -28,20 +30,25 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (see configs/); train and import_torch "
                                 "modes. Other modes read the config saved in the checkpoint.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, TensorBoard events, sample grids.")
-flags.DEFINE_enum("mode", "train", ["train", "translate", "test", "evaluate", "import_torch"],
+flags.DEFINE_enum("mode", "train", ["train", "translate", "test", "evaluate", "import_torch", "export"],
                   "train: train or resume in --workdir (Ctrl-C or SIGTERM: a checkpoint at the step "
                   "reached, then a stop). translate: translate --input into --output. "
                   "test: translate the whole test split into <workdir>/test/fakeA, fakeB. "
                   "evaluate: test, then FID and KIDx100 of A2B (vs testB) and B2A (vs testA), written "
                   "to <workdir>/eval_<step>.json and TensorBoard. import_torch: convert an original "
-                  "PyTorch checkpoint (--torch_checkpoint) into a checkpoint in --workdir.")
+                  "PyTorch checkpoint (--torch_checkpoint) into a checkpoint in --workdir. export: "
+                  "write --direction's network, weights included, to the file --output, a program "
+                  "that runs with JAX alone (jax.export).")
 flags.DEFINE_string("inception_weights", None, "evaluate: pytorch-fid's pt_inception-2015-12-05-*.pth "
                     "(default: the cached weights; `python -m nicegan_jax.inception --fetch`).")
 flags.DEFINE_integer("max_images", 0, "test, evaluate: only the first N images of each test split "
                      "(0 = all; scores at different N are not comparable).", lower_bound=0)
 flags.DEFINE_string("input", None, "translate: an image file or a folder (walked recursively).")
-flags.DEFINE_string("output", None, "translate: the folder for the PNG outputs (sub-folders mirrored).")
-flags.DEFINE_enum("direction", "A2B", list(translate_lib.DIRECTIONS), "translate: A2B or B2A.")
+flags.DEFINE_string("output", None, "translate: the folder for the PNG outputs (sub-folders mirrored). "
+                    "export: the file to write.")
+flags.DEFINE_enum("direction", "A2B", list(translate_lib.DIRECTIONS), "translate, export: A2B or B2A.")
+flags.DEFINE_list("platforms", list(export_lib.PLATFORMS), "export: the platforms the program is "
+                  f"compiled for, some of {', '.join(export_lib.KNOWN_PLATFORMS)}.")
 flags.DEFINE_bool("native", False, "translate: work at the input's own size (light models) instead of "
                   "the training size; outputs have the input's size either way.")
 flags.DEFINE_string("torch_checkpoint", None, "import_torch: the original's <dataset>_params_latest.pt or "
@@ -138,6 +145,22 @@ def run_import_torch() -> None:
         f"{pathlib.Path(FLAGS.workdir) / 'checkpoints' / str(step)}")
 
 
+def run_export() -> None:
+  if not FLAGS.output:
+    raise app.UsageError("--mode=export needs --output (the file to write)")
+  try:
+    platforms = export_lib.check_platforms(FLAGS.platforms)
+  except ValueError as e:
+    raise app.UsageError(f"--platforms: {e}") from None
+  translator = translate_lib.load_translator(FLAGS.workdir)
+  exported = export_lib.export_translator(translator, FLAGS.direction, platforms)
+  path = export_lib.write_exported(exported, FLAGS.output)
+  print(f"Wrote {FLAGS.direction} ({convert.describe(translator.config.model)}) for "
+        f"{', '.join(platforms)} to {path} ({path.stat().st_size / 2**20:.1f} MiB): "
+        f"{exported.in_avals[0].str_short()} in [-1, 1] -> the same. Run it with JAX alone: "
+        f"jax.export.deserialize(open({str(path)!r}, 'rb').read()).call(images)")
+
+
 def main(argv):
   logging.get_absl_handler().addFilter(checkpoints.QuietOrbaxInfo())
   if len(argv) > 1:
@@ -159,6 +182,8 @@ def main(argv):
       run_evaluate()
     elif FLAGS.mode == "import_torch":
       run_import_torch()
+    elif FLAGS.mode == "export":
+      run_export()
   except (config_lib.ConfigError, datasets.DataError, train.NonFiniteLossError, FileNotFoundError,
           inception.WeightsError, convert.ConversionError) as e:
     logging.error("%s", e)
