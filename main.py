@@ -148,6 +148,8 @@ def run_import_torch() -> None:
 def run_export() -> None:
   if not FLAGS.output:
     raise app.UsageError("--mode=export needs --output (the file to write)")
+  if pathlib.Path(FLAGS.output).expanduser().is_dir():
+    raise app.UsageError(f"--output={FLAGS.output} is a folder: --mode=export writes one file")
   try:
     platforms = export_lib.check_platforms(FLAGS.platforms)
   except ValueError as e:

@@ -63,6 +63,8 @@ def export_translator(translator: inference.Translator, direction: str = "A2B",
 def write_exported(exported: jax_export.Exported, path: str | pathlib.Path) -> pathlib.Path:
   """Serialises `exported` to `path`, written under a temporary name and renamed when complete."""
   path = pathlib.Path(path).expanduser()
+  if path.is_dir():
+    raise ValueError(f"{path} is a folder: give the exported program a file name")
   path.parent.mkdir(parents=True, exist_ok=True)
   partial = path.with_name(path.name + ".partial")
   partial.write_bytes(exported.serialize())
