@@ -77,6 +77,9 @@ def test_notebook_trains_shows_evaluates_translates_and_resumes(executed):
   assert scores["A2B"]["n_real"] == scores["A2B"]["n_fake"] == 4
   text, kinds = outputs_of(cell("translate(translator, image"))
   assert "input (64, 64, 3) -> output (64, 64, 3)" in text and "image/png" in kinds
+  text, _ = outputs_of(cell("nicegan_export.export_translator"))
+  assert "A2B.jaxexport" in text and "for cpu, cuda, tpu" in text
+  assert "float32[batch,64,64,3] -> (1, 64, 64, 3)" in text and (workdir / "A2B.jaxexport").is_file()
   text, _ = outputs_of(cell("config.train.num_steps += RESUME_STEPS"))
   assert "resumed and trained to step 30" in text
   assert (workdir / "checkpoints" / "30").is_dir() and (workdir / "samples" / "A2B_0000020.png").is_file()
