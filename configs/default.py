@@ -55,6 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.eval_every_steps = 0  # FID/KID during training (0 = off)
   config.train.steps_per_dispatch = 1  # >1: that many steps in one jitted lax.scan (hides host overhead)
   config.train.prefetch = 2  # input batches put on the device ahead of the step (0 = off)
+  config.train.profile_steps = 0  # >0: trace that many steps with jax.profiler into the workdir (TensorBoard)
 
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1  # data-parallel replicas (-1 = all devices / mesh.model)

@@ -91,6 +91,9 @@ def validate(config) -> None:
     _require(t[name] % k == 0, f"train.{name}", t[name],
              f"must be a multiple of train.steps_per_dispatch={k} (steps run {k} at a time)")
   _require(t.get("prefetch", 0) >= 0, "train.prefetch", t.get("prefetch", 0), "must be >= 0 (0 = off)")
+  profile_steps = t.get("profile_steps", 0)
+  _require(profile_steps >= 0 and profile_steps % k == 0, "train.profile_steps", profile_steps,
+           f"must be >= 0 (0 = off) and a multiple of train.steps_per_dispatch={k}")
   _require(config.mesh.data == -1 or config.mesh.data >= 1, "mesh.data", config.mesh.data,
            "use -1 (all devices) or a positive number of replicas")
   _require(config.mesh.get("model", 1) >= 1, "mesh.model", config.mesh.get("model", 1), "must be >= 1")

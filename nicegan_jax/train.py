@@ -36,6 +36,7 @@ from nicegan_jax.models import Models, create_models
 
 
 COMPILE_BARRIER_TIMEOUT_S = 3600  # how long processes wait for each other to compile the step
+PROFILE_AFTER_DISPATCHES = 2  # a profile (train.profile_steps) skips the run's first dispatches: warm-up
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -199,6 +200,16 @@ def compile_everywhere(train_step, state, batch):
   return compiled
 
 
+def profile_window(start: int, num_steps: int, per_dispatch: int, profile_steps: int) -> tuple[int, int] | None:
+  """(first, last) step that a run from `start` traces with jax.profiler: `profile_steps` steps after its
+  first PROFILE_AFTER_DISPATCHES dispatches, within num_steps; None when off or nothing is left."""
+  if profile_steps <= 0:
+    return None
+  first = start + PROFILE_AFTER_DISPATCHES * per_dispatch + 1
+  last = min(first + profile_steps - 1, num_steps)
+  return (first, last) if first <= last else None
+
+
 def create_writer(workdir) -> metric_writers.MetricWriter:
   """TensorBoard events and console lines on process 0, console lines only on the others."""
   tf_host.keep_tensorflow_on_host()  # clu writes the events with TensorFlow
@@ -268,6 +279,8 @@ def train_and_evaluate(config, workdir: str, *,
     best = checkpoints.Checkpointer(workdir / "checkpoints_best", max_to_keep=1, async_save=False)
 
   acc, summary = None, {}
+  profile = profile_window(start, t.num_steps, per_dispatch, t.get("profile_steps", 0))
+  profiling = False
   stop = preemption.StopRequests().install()
   logging.info("Training steps %d..%d, global batch %d on %d device(s) (mesh %s) in %d process(es)",
                start + 1, t.num_steps, t.batch_size, mesh.size, dict(mesh.shape), jax.process_count())
@@ -279,9 +292,18 @@ def train_and_evaluate(config, workdir: str, *,
       steps_batches = itertools.chain([first_batch], batches)
     last_time, last_step = time.time(), start
     for step in range(start + per_dispatch, t.num_steps + 1, per_dispatch):  # step: the last one done
+      if profile is not None and step - per_dispatch + 1 == profile[0]:
+        jax.profiler.start_trace(str(workdir))
+        profiling = True
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, metrics = train_step(state, next(steps_batches))
         acc = accumulate(acc, metrics, step - per_dispatch + 1)
+      if profiling and step >= profile[1]:
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        profiling = False
+        logging.info("Profiled steps %d..%d into %s (TensorBoard's Profile tab)", *profile,
+                     workdir / "plugins" / "profile")
       stop_signal = stop.stop_signal(step, ckpt) if step < t.num_steps else None  # logs, saves, raises
       log_due = is_due(step, t.log_every_steps, t.num_steps) or stop_signal is not None
       ckpt_due = is_due(step, t.checkpoint_every_steps, t.num_steps) or stop_signal is not None
@@ -313,6 +335,8 @@ def train_and_evaluate(config, workdir: str, *,
     raise NonFiniteLossError(f"{e}; stopped. The last good checkpoint is step "
                              f"{steps[-1] if steps else 'none'} in {ckpt.directory}") from None
   finally:
+    if profiling:  # the run ended inside the profiled steps
+      jax.profiler.stop_trace()
     stop.restore()
     if isinstance(batches, input_pipeline.Prefetcher):
       batches.close()

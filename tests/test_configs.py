@@ -73,6 +73,7 @@ def test_a_recipe_is_chosen_on_the_command_line():
     ("data.path", "/", "missing sub-folder"),
     ("train.batch_size", 0, "must be >= 1"),
     ("train.log_every_steps", 0, "must be >= 1"),
+    ("train.profile_steps", -1, "must be >= 0"),
     ("optimizer.lr", 0.0, "must be > 0"),
     ("optimizer.disc_lr_scale", 0.0, "must be > 0"),
     ("optimizer.decay_start_step", 400_000, "below train.num_steps"),

@@ -56,7 +56,8 @@ def read_tensorboard(workdir):
 def test_main_trains_end_to_end(dataset, tmp_path):
   workdir = tmp_path / "run"
   cmd = [sys.executable, "main.py", "--config=configs/test.py", f"--workdir={workdir}",
-         f"--config.data.path={dataset}", f"--config.data.data_dir={tmp_path / 'cache'}"]
+         f"--config.data.path={dataset}", f"--config.data.data_dir={tmp_path / 'cache'}",
+         "--config.train.profile_steps=2"]
   result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert result.returncode == 0, result.stderr[-3000:]
@@ -64,6 +65,9 @@ def test_main_trains_end_to_end(dataset, tmp_path):
   assert "CheckpointManager created" not in result.stderr  # Orbax's INFO narration is filtered out
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
   assert (workdir / "config.json").is_file()
+  # train.profile_steps=2: steps 3..4 (after two warm-up steps), a trace TensorBoard's Profile tab reads.
+  assert "Profiled steps 3..4 into" in result.stderr
+  assert len(list((workdir / "plugins" / "profile").glob("*/*.xplane.pb"))) == 1
   tags, loss = read_tensorboard(workdir)
   assert {"D/loss", "G/loss", "G/cycle_A", "D/adv_B_cam", "lr/G", "steps_per_sec",
           "samples/A2B", "samples/B2A"} <= tags
@@ -167,6 +171,14 @@ def test_accumulator_means_and_first_bad_step():
   acc = train.accumulate(acc, {"a": jnp.float32(np.nan)}, jnp.int32(4))
   with pytest.raises(train.NonFiniteLossError, match="term a at step 3"):
     train.summarize(acc)
+
+
+def test_profile_window_skips_the_warm_up_and_stays_within_the_run():
+  assert train.profile_window(0, 100, 1, 0) is None
+  assert train.profile_window(0, 100, 1, 5) == (3, 7)  # after two dispatches: compile and warm-up
+  assert train.profile_window(40, 100, 10, 20) == (61, 80)  # a resumed run, 10 steps per dispatch
+  assert train.profile_window(0, 4, 1, 10) == (3, 4)
+  assert train.profile_window(98, 100, 1, 5) is None  # nothing left after the warm-up
 
 
 def test_is_due_treats_the_last_step_like_the_others():
