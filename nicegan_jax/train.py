@@ -200,7 +200,8 @@ def compile_everywhere(train_step, state, batch):
   return compiled
 
 
-def profile_window(start: int, num_steps: int, per_dispatch: int, profile_steps: int) -> tuple[int, int] | None:
+def profile_window(start: int, num_steps: int, per_dispatch: int,
+                   profile_steps: int) -> tuple[int, int] | None:
   """(first, last) step that a run from `start` traces with jax.profiler: `profile_steps` steps after its
   first PROFILE_AFTER_DISPATCHES dispatches, within num_steps; None when off or nothing is left."""
   if profile_steps <= 0:
