@@ -29,3 +29,18 @@ def image_size_and_mode(path) -> tuple[tuple[int, int], str]:
   from PIL import Image
   with Image.open(path) as image:
     return image.size, image.mode
+
+
+def write_tiny_checkpoint(checkpoints_dir, step: int, config=None):
+  """Saves a freshly initialised model of `config` (default: configs/test.py) as training does, at
+  `step` under `checkpoints_dir`; returns (config, models, state)."""
+  import jax
+  from configs import test as test_config
+  from nicegan_jax import checkpoints, models, train_state
+  config = config if config is not None else test_config.get_config()
+  nets = models.create_models(config.model)
+  state = train_state.create_train_state(config, jax.random.PRNGKey(0), nets)
+  writer = checkpoints.Checkpointer(checkpoints_dir, async_save=False)
+  writer.save(step, state, config.to_dict())
+  writer.close()
+  return config, nets, state

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from conftest import ROOT
-from nicegan_jax import checkpoints, export, inference, models, train_state
+from conftest import ROOT, write_tiny_checkpoint
+from nicegan_jax import export, inference, models, train_state
 
 RUN_WITH_JAX_ALONE = """
 import importlib.util, sys
@@ -31,12 +31,7 @@ for n in (1, len(images)):  # any batch size
 def workdir(tmp_path_factory) -> pathlib.Path:
   """A workdir holding one checkpoint of a freshly initialised tiny model (as training writes it)."""
   root = tmp_path_factory.mktemp("export")
-  config = test_config.get_config()
-  nets = models.create_models(config.model)
-  state = train_state.create_train_state(config, jax.random.PRNGKey(0), nets)
-  run = checkpoints.Checkpointer(root / "run" / "checkpoints", async_save=False)
-  run.save(2, state, config.to_dict())
-  run.close()
+  write_tiny_checkpoint(root / "run" / "checkpoints", 2)
   return root / "run"
 
 

@@ -7,12 +7,9 @@ import subprocess
 import sys
 import zipfile
 
-import jax
 import pytest
 
-from configs import test as test_config
-from conftest import ROOT
-from nicegan_jax import checkpoints, models, train_state
+from conftest import ROOT, write_tiny_checkpoint
 
 pytest.importorskip("setuptools", reason="building the wheel needs setuptools (requirements-test.txt)")
 
@@ -56,12 +53,7 @@ def test_installed_library_translates_a_checkpoint_outside_the_checkout(wheel, t
   site = tmp_path / "site"
   with zipfile.ZipFile(wheel) as archive:
     archive.extractall(site)
-  config = test_config.get_config()
-  nets = models.create_models(config.model)
-  state = train_state.create_train_state(config, jax.random.PRNGKey(0), nets)
-  run = checkpoints.Checkpointer(tmp_path / "run" / "checkpoints", async_save=False)
-  run.save(1, state, config.to_dict())
-  run.close()
+  write_tiny_checkpoint(tmp_path / "run" / "checkpoints", 1)
   script = f"""
 import pathlib, numpy as np
 import nicegan_jax, configs.default

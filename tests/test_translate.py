@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from configs import test as test_config
-from conftest import ROOT, SHARED_DATA, image_size_and_mode
+from conftest import ROOT, SHARED_DATA, image_size_and_mode, write_tiny_checkpoint
 from nicegan_jax import checkpoints, input_pipeline, models, train_state, translate_files
 from nicegan_jax import inference as translate_lib
 
@@ -34,11 +34,7 @@ def workdir(tmp_path_factory):
   config = test_config.get_config()
   config.data.path = str(make_dataset(root / "data"))
   config.data.data_dir = str(root / "cache")
-  nets = models.create_models(config.model)
-  state = train_state.create_train_state(config, jax.random.PRNGKey(0), nets)
-  ckpt = checkpoints.Checkpointer(root / "run" / "checkpoints")
-  ckpt.save(3, state, config.to_dict())
-  ckpt.close()
+  config, nets, state = write_tiny_checkpoint(root / "run" / "checkpoints", 3, config)
   return root / "run", config, nets, jax.device_get(state)
 
 
