@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import hlo_ops
 from benchmarks.speed_report import markdown_table
 
 # Peak dense bf16 FLOP/s per chip (vendor figures, without sparsity).
@@ -123,7 +124,6 @@ PROFILED_STEPS = 3  # steps traced by --profile, after the timed ones
 
 def time_train(config, *, steps: int, warmup: int, profile_dir: str | None = None) -> dict:
   """Times the train step; with `profile_dir`, then traces PROFILED_STEPS more steps into it."""
-  from benchmarks import hlo_ops
   from nicegan_jax import sharding, step as step_lib, train_state
   models, mesh, _, shardings = abstract_setup(config)
   k = config.train.steps_per_dispatch
@@ -158,9 +158,9 @@ def time_train(config, *, steps: int, warmup: int, profile_dir: str | None = Non
       for _ in range(PROFILED_STEPS):
         state, metrics = compiled(state, batch)
       jax.block_until_ready((state, metrics))
-  return {"hlo_ops": launched, "compile_s": compile_s, "step_s_median": statistics.median(times), "step_s_min": min(times),
-          "step_s_pipelined": pipelined, "flops_per_step": flops, "memory_plan": buffer_bytes,
-          "models": models, "state": state}
+  return {"hlo_ops": launched, "compile_s": compile_s, "step_s_median": statistics.median(times),
+          "step_s_min": min(times), "step_s_pipelined": pipelined, "flops_per_step": flops,
+          "memory_plan": buffer_bytes, "models": models, "state": state}
 
 
 def time_translate(config, models, state, batch: int, repeats: int, *, one_call: bool = False) -> float:
