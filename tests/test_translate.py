@@ -12,7 +12,7 @@ from PIL import Image
 
 from configs import test as test_config
 from conftest import ROOT, SHARED_DATA, image_size_and_mode, write_tiny_checkpoint
-from nicegan_jax import checkpoints, input_pipeline, models, train_state, translate_files
+from nicegan_jax import input_pipeline, models, translate_files
 from nicegan_jax import inference as translate_lib
 
 
@@ -206,10 +206,7 @@ def test_folder_command_refuses_a_folder_without_images(workdir, tmp_path):
 def test_native_translation_of_a_full_model_is_refused_before_any_file(tmp_path):
   config = test_config.get_config()
   config.model.light = False
-  nets = models.create_models(config.model)
-  ckpt = checkpoints.Checkpointer(tmp_path / "full" / "checkpoints")
-  ckpt.save(1, train_state.create_train_state(config, jax.random.PRNGKey(0), nets), config.to_dict())
-  ckpt.close()
+  write_tiny_checkpoint(tmp_path / "full" / "checkpoints", 1, config)
   (tmp_path / "in").mkdir()
   Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "in" / "a.png")
   with pytest.raises(ValueError, match="needs a light model"):
