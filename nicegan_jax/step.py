@@ -12,6 +12,10 @@ Decoupled training, structurally:
   the other domain's (frozen) encoder.
 Every discriminator call runs in training mode and advances its spectral-norm power iteration, 4 times
 per discriminator per iteration, as in the original.
+
+Besides the loss terms, each update reports the global L2 norm of its gradient (`D/grad_norm`,
+`G/grad_norm`, before weight decay): a gradient that overflowed while its loss stayed finite (float16)
+is then a non-finite metric too, which the training loop catches before the next checkpoint.
 """
 
 from __future__ import annotations
@@ -116,6 +120,7 @@ def discriminator_update(state: TrainState, batch: dict[str, jax.Array], *, mode
                                             models=models, adv_weight=adv_weight)
   updates, d_opt_state = d_tx.update(grads, state.d_opt_state, state.disc_params)
   disc_params = optax.apply_updates(state.disc_params, updates)
+  metrics = {**metrics, "D/grad_norm": optax.tree.norm(grads)}
   return state.replace(disc_params=disc_params, d_opt_state=d_opt_state, spectral=spectral), metrics
 
 
@@ -129,6 +134,7 @@ def generator_update(state: TrainState, batch: dict[str, jax.Array], *, models: 
       cycle_weight=cycle_weight, recon_weight=recon_weight)
   updates, g_opt_state = g_tx.update(grads, state.g_opt_state, state.gen_params)
   gen_params = optax.apply_updates(state.gen_params, updates)
+  metrics = {**metrics, "G/grad_norm": optax.tree.norm(grads)}
   return state.replace(gen_params=gen_params, g_opt_state=g_opt_state, spectral=spectral), metrics
 
 

@@ -8,8 +8,9 @@ A first SIGINT or SIGTERM (or, with several processes, a preemption notice) ends
 in flight with a checkpoint at it and `preemption.TrainingInterrupted`; the same command resumes there.
 
 Metrics stay on the device between log steps (summed by a small jitted accumulator that also notes the
-first step at which each term became non-finite); a non-finite term stops the run before the next
-checkpoint, so the last checkpoint on disk is always a good one.
+first step at which each term became non-finite); a non-finite term (a loss, or a gradient norm: an
+overflow can leave the loss finite) stops the run before the next checkpoint, so the last checkpoint on
+disk is always a good one.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ PROFILE_AFTER_DISPATCHES = 2  # a profile (train.profile_steps) skips the run's 
 
 
 class NonFiniteLossError(FloatingPointError):
-  """A loss term became NaN or infinite."""
+  """A loss term or gradient norm became NaN or infinite."""
 
 
 class MetricAccumulator(flax.struct.PyTreeNode):
@@ -70,12 +71,15 @@ def accumulate(acc: MetricAccumulator | None, metrics: dict, first_step: jax.Arr
 
 
 def summarize(acc: MetricAccumulator) -> dict[str, float]:
-  """Means since the last summary; raises NonFiniteLossError naming the first bad step and term."""
+  """Means since the last summary; raises NonFiniteLossError naming the first bad step and term (a loss
+  term before a gradient norm of the same step: a NaN loss makes its gradient NaN too)."""
   host = jax.device_get(acc)
   bad = {k: int(s) for k, s in host.first_nonfinite_step.items() if s >= 0}
   if bad:
-    term = min(bad, key=bad.get)
-    raise NonFiniteLossError(f"non-finite loss term {term} at step {bad[term]} "
+    is_gradient = lambda name: name.endswith("grad_norm")
+    term = min(bad, key=lambda name: (bad[name], is_gradient(name)))  # a loss term first, at the same step
+    kind = "gradient" if is_gradient(term) else "loss term"
+    raise NonFiniteLossError(f"non-finite {kind} {term} at step {bad[term]} "
                              f"(also: {', '.join(sorted(set(bad) - {term})) or 'none'})")
   return {k: float(v) / int(host.count) for k, v in host.sums.items()}
 

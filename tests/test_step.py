@@ -77,7 +77,12 @@ def test_each_update_touches_only_its_owners_parameters(setup):
                                        adv_weight=1.0))
   g_update = jax.jit(functools.partial(step.generator_update, models=models, g_tx=g_tx,
                                        adv_weight=1.0, cycle_weight=10.0, recon_weight=10.0))
-  after_d, _ = d_update(state, batch)
+  after_d, d_metrics = d_update(state, batch)
+  # The reported norm is that of the D loss's gradient w.r.t. the discriminators, before weight decay.
+  d_grads = jax.jit(lambda d: jax.grad(step.discriminator_loss, has_aux=True)(
+      d, state.spectral, state.gen_params, batch, models=models, adv_weight=1.0)[0])(state.disc_params)
+  norm = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in jax.tree.leaves(d_grads)))
+  assert float(d_metrics["D/grad_norm"]) == pytest.approx(norm, rel=1e-5)
   assert leaves_equal(after_d.gen_params, state.gen_params)
   assert leaves_equal(after_d.g_opt_state, state.g_opt_state)
   assert not leaves_equal(after_d.disc_params["disA"], state.disc_params["disA"])
@@ -106,8 +111,10 @@ def test_metrics_name_every_term_and_are_finite(one_step):
   expected = {f"D/adv_{d}_{h}" for d in "AB" for h in step.HEADS}
   expected |= {f"G/adv_{d}_{h}" for d in "AB" for h in step.HEADS}
   expected |= {"G/cycle_A", "G/cycle_B", "G/recon_A", "G/recon_B", "D/loss", "G/loss", "lr/G", "lr/D"}
+  expected |= {"D/grad_norm", "G/grad_norm"}
   assert set(metrics) == expected
   assert all(np.isfinite(float(v)) for v in metrics.values())
+  assert float(metrics["D/grad_norm"]) > 0 and float(metrics["G/grad_norm"]) > 0
   d_sum = sum(float(metrics[f"D/adv_{d}_{h}"]) for d in "AB" for h in step.HEADS)
   assert float(metrics["D/loss"]) == pytest.approx(d_sum, rel=1e-6)
   g_sum = sum(float(metrics[f"G/adv_{d}_{h}"]) for d in "AB" for h in step.HEADS)

@@ -162,6 +162,32 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(datase
   assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["2"]
 
 
+def test_an_overflowing_gradient_at_a_checkpoint_step_keeps_that_checkpoint_from_being_written(
+    dataset, tmp_path, monkeypatch):
+  """What a float16 overflow in G's backward pass looks like: every loss of the step finite, the
+  gradient infinite, G's weights NaN after Adam's update. At a checkpoint step only the gradient norm
+  shows it (the losses turn NaN one step later), and it is checked like the losses."""
+  original_loss, original_update = step_lib.generator_loss, step_lib.generator_update
+
+  def loss_that_overflows(gen_params, disc_params, spectral, batch, **kwargs):
+    batch = dict(batch)
+    overflow = batch.pop("overflow")
+    loss, aux = original_loss(gen_params, disc_params, spectral, batch, **kwargs)
+    s = jnp.sum(jax.tree.leaves(gen_params)[0] * 1e30)  # zero in value below; gradient 1e60 -> inf
+    return loss + jnp.where(overflow, 1e30, 0.0) * (s - jax.lax.stop_gradient(s)), aux
+
+  def update_that_overflows_at_step_4(state, batch, **kwargs):
+    return original_update(state, {**batch, "overflow": state.step + 1 == 4}, **kwargs)
+
+  monkeypatch.setattr(step_lib, "generator_loss", loss_that_overflows)
+  monkeypatch.setattr(step_lib, "generator_update", update_that_overflows_at_step_4)
+  config = tiny_config(dataset, tmp_path)  # checkpoints at steps 2 and 4
+  with pytest.raises(train.NonFiniteLossError,
+                     match=r"non-finite gradient G/grad_norm at step 4 \(also: none\).*last good checkpoint is step 2"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["2"]
+
+
 def test_accumulator_means_and_first_bad_step():
   acc = None
   for step, value in enumerate([1.0, 3.0], start=1):
@@ -171,6 +197,15 @@ def test_accumulator_means_and_first_bad_step():
   acc = train.accumulate(acc, {"a": jnp.float32(np.nan)}, jnp.int32(4))
   with pytest.raises(train.NonFiniteLossError, match="term a at step 3"):
     train.summarize(acc)
+  # At the same step, the loss term is named before the gradient norm it made NaN; a gradient alone too.
+  both = train.accumulate(None, {"G/grad_norm": jnp.float32(np.nan), "G/recon_A": jnp.float32(np.nan)},
+                          jnp.int32(5))
+  with pytest.raises(train.NonFiniteLossError, match=r"loss term G/recon_A at step 5 \(also: G/grad_norm\)"):
+    train.summarize(both)
+  alone = train.accumulate(None, {"D/grad_norm": jnp.float32(np.inf), "D/loss": jnp.float32(1.0)},
+                           jnp.int32(7))
+  with pytest.raises(train.NonFiniteLossError, match="non-finite gradient D/grad_norm at step 7"):
+    train.summarize(alone)
 
 
 def test_profile_window_skips_the_warm_up_and_stays_within_the_run():
