@@ -322,7 +322,7 @@ def parse(argv=None):
                  "else 6)")
   p.add_argument("--full", action="store_true", help="the full model (default: light)")
   p.add_argument("--batch", type=int, default=1, help="images per domain and step (over all devices)")
-  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                  help="compute dtype (parameters and optimizer state stay float32)")
   p.add_argument("--remat", action="store_true", help="rematerialise the generators' residual blocks")
   p.add_argument("--conv_weight_grad", default="auto", choices=["auto", "xla", "matmul"],

@@ -1,5 +1,6 @@
-"""Speed and memory options: remat, several steps per dispatch, bfloat16 compute, prefetch; the
-speed benchmark's report. None of these may change what is computed beyond float rounding."""
+"""Speed and memory options: remat, several steps per dispatch, bfloat16 and float16 compute, prefetch;
+the speed and precision benchmarks' reports. None of these may change what is computed beyond float
+rounding."""
 
 import json
 import threading
@@ -9,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from configs import test as test_config
 from nicegan_jax import config_lib, convolutions, input_pipeline, layers, models as models_lib, step
@@ -219,16 +221,20 @@ def test_several_steps_per_dispatch_are_flagged_on_a_cpu_only():
   assert train.slow_dispatch_warning(10, "gpu") is None and train.slow_dispatch_warning(10, "tpu") is None
 
 
-def test_bfloat16_losses_track_float32(float32_run):
-  """bfloat16 compute (float32 params, optimizer state and normalisation statistics) vs float32.
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_reduced_precision_losses_track_float32(float32_run, dtype):
+  """bfloat16 or float16 compute (float32 params, optimizer state and normalisation statistics) vs
+  float32.
 
   bfloat16 keeps 8 mantissa bits: each conv output carries ~0.4% relative error, and the losses are
   means of many such values, so they agree to about 1%; over 3 steps we allow 3% per loss term
-  (a broken cast — e.g. statistics or the loss in bfloat16 — shows as 10% or more, or a NaN).
+  (a broken cast — e.g. statistics or the loss in reduced precision — shows as 10% or more, or a NaN).
+  float16 keeps 11 bits, so the same bound holds with room to spare; its narrow range is what could
+  break it (an overflow is a NaN here, an underflow a zero gradient: benchmarks/precision.py).
   """
   _, _, losses32 = float32_run
   config = tiny_config()
-  config.model.dtype = "bfloat16"
+  config.model.dtype = dtype
   models = models_lib.create_models(config.model)
   state = train_state.create_train_state(config, jax.random.PRNGKey(0), models)
   train = jax.jit(step.make_train_step(config, models))
@@ -417,3 +423,57 @@ def test_speed_table_shows_each_rows_measurements_and_non_default_options():
   plain, loop = (dict(zip(columns, [c.strip() for c in line.strip("|").split("|")])) for line in lines)
   assert len(columns) == 18 and loop["training loop step (prefetch)"] == "5.31 s (0)"
   assert loop["step, back to back"] == "4.90 s" and plain["training loop step (prefetch)"] == ""
+
+
+def test_precision_benchmark_compares_gradients_as_its_fields_say():
+  from benchmarks import precision
+  g32 = np.array([3.0, 4.0, 0.0, 1.0])
+  row = precision.compare((2.0, g32), (2.1, np.array([3.0, 4.0, 0.0, 0.0])))
+  assert row["rel_err"] == pytest.approx(1 / np.sqrt(26))
+  assert row["cosine"] == pytest.approx(25 / (5 * np.sqrt(26)))
+  assert row["underflow"] == 0.25  # the last weight; the third is zero in both, so not an underflow
+  assert row["finite"] and row["loss_rel_err"] == pytest.approx(0.05)
+  assert not precision.compare((2.0, g32), (2.0, np.array([3.0, np.inf, 0.0, 1.0])))["finite"]
+
+
+def smooth_image_folder(root, size: int = 72) -> None:
+  """testA/ and testB/ with two images each: smooth colour ramps and a disc, not noise."""
+  yy, xx = np.mgrid[0:size, 0:size] / size
+  for domain, phase in (("A", 0.0), ("B", 1.5)):
+    (root / f"test{domain}").mkdir(parents=True)
+    for i in range(2):
+      disc = ((yy - 0.5) ** 2 + (xx - 0.3 - 0.2 * i) ** 2 < 0.05)
+      rgb = np.stack([np.sin(3 * xx + phase + i), np.cos(2 * yy - phase), disc * 1.0], -1)
+      Image.fromarray(((rgb + 1) * 100).clip(0, 255).astype(np.uint8)).save(root / f"test{domain}" / f"{i}.png")
+
+
+def test_precision_benchmark_finds_float16_closer_to_float32_than_bfloat16(capsys, tmp_path):
+  """Both reduced dtypes give finite gradients close to float32's; float16's 11 mantissa bits against
+  bfloat16's 8 make its gradients several times closer (the bound asserted is 2x; the README quotes the
+  command's numbers on real photos)."""
+  from benchmarks import precision
+  smooth_image_folder(tmp_path)
+  assert precision.main([f"--data={tmp_path}", "--img_size=64", "--ch=8", "--n_res=1", "--batch=2",
+                         "--json"]) == 0
+  rows = {r["dtype"]: r for r in map(json.loads, capsys.readouterr().out.strip().splitlines()[-2:])}
+  assert set(rows) == {"bfloat16", "float16"} and rows["float16"]["batch"] == 2
+  for dtype, row in rows.items():
+    for net in "GD":
+      r = row[net]
+      assert r["finite"] and r["cosine"] > 0.99 and 0 < r["rel_err"] < 0.2, (dtype, net, r)
+      assert 0 <= r["underflow"] < 0.01 and r["loss_rel_err"] < 0.01, (dtype, net, r)
+  for net in "GD":
+    assert rows["float16"][net]["rel_err"] < rows["bfloat16"][net]["rel_err"] / 2, net
+
+
+def test_precision_benchmark_refuses_bad_arguments(capsys, tmp_path):
+  from benchmarks import precision
+  for argv, message in ((["--dtypes=float8"], "--dtypes=float8: use some of bfloat16, float16"),
+                        ([f"--data={tmp_path / 'nope'}"], "no such folder"),
+                        (["--img_size=30"], "img_size=30 must be a multiple of 4")):
+    with pytest.raises(SystemExit) as exit_:
+      precision.parse([f"--data={tmp_path}", *argv])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err, argv
+  smooth_image_folder(tmp_path)
+  assert precision.main([f"--data={tmp_path}", "--img_size=64", "--batch=3"]) == 2
+  assert "has 2 images, --batch=3" in capsys.readouterr().err
