@@ -85,9 +85,12 @@ def test_data_and_model_sharded_steps_equal_one_device(light):
     assert shardings.gen_params["gen2A"]["FC_0"]["kernel"].spec == P("model")
   # Step 1 starts from identical parameters: only the reduction order differs (1e-5). Step 2 starts from
   # parameters that already differ by the Adam effect described below, which the losses feel (1e-3).
+  # G's gradient norm feels it in step 1 already (G's half runs after D's update; observed 1e-4 for
+  # the full model), so the gradient norms get 1e-3 in both steps.
   for i, (a, b) in enumerate(zip(single_losses, multi_losses)):
     for k in a:
-      assert b[k] == pytest.approx(a[k], rel=1e-5 if i == 0 else 1e-3, abs=1e-6), (i, k)
+      rel = 1e-5 if i == 0 and not k.endswith("grad_norm") else 1e-3
+      assert b[k] == pytest.approx(a[k], rel=rel, abs=1e-6), (i, k)
   # Same tolerance argument as the data-parallel test in test_step.py: reductions in another order
   # change gradients by ~1e-7 relative; Adam's first steps move each weight by about lr * sign(g), so a
   # weight whose gradient is within rounding of zero can step the other way (up to 2 lr per step). The
