@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.speed import DefaultsShown, add_model_flags
+
 REDUCED_DTYPES = ("bfloat16", "float16")
 
 
@@ -79,7 +81,8 @@ def gradients(config, batch: dict[str, np.ndarray], loss_scale: float = 1.0) -> 
 
   flat = lambda tree: np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)])
   results = both(state.gen_params, state.disc_params, state.spectral, batch)
-  return {name: (float(loss) / loss_scale, flat(grads) / loss_scale) for name, (loss, grads) in zip("GD", results)}
+  return {name: (float(loss) / loss_scale, flat(grads) / loss_scale)
+          for name, (loss, grads) in zip("GD", results)}
 
 
 def compare(reference: tuple, reduced: tuple) -> dict:
@@ -96,7 +99,8 @@ def compare(reference: tuple, reduced: tuple) -> dict:
 
 def measure(args) -> list[dict]:
   """One row per reduced dtype: the settings, then per network (G, D) the fields of `compare`."""
-  batch = {k: jnp.asarray(v) for k, v in real_batch(pathlib.Path(args.data), args.batch, args.img_size).items()}
+  images = real_batch(pathlib.Path(args.data), args.batch, args.img_size)
+  batch = {domain: jnp.asarray(x) for domain, x in images.items()}
   reference = gradients(make_config(args, "float32"), batch)
   rows = []
   for dtype in args.dtypes:
@@ -112,19 +116,15 @@ def measure(args) -> list[dict]:
 
 def parse(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=DefaultsShown)
   p.add_argument("--data", default=str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" /
                                        "cat2dog_sample"),
                  help="a folder with testA/ and testB/ image folders (real photos)")
-  p.add_argument("--img_size", type=int, default=128, help="image size (square)")
-  p.add_argument("--ch", type=int, default=32, help="base channel count")
-  p.add_argument("--n_res", type=int, default=6, help="residual blocks per generator")
-  p.add_argument("--n_dis", type=int, default=None, help="discriminator layers (default: 7 at >= 128 px, "
-                 "else 6)")
-  p.add_argument("--full", action="store_true", help="the full model (default: light)")
+  add_model_flags(p, img_size=128, ch=32)
   p.add_argument("--batch", type=int, default=1, help="images per domain")
   p.add_argument("--dtypes", default=",".join(REDUCED_DTYPES),
-                 help=f"comma-separated compute dtypes to compare with float32 (of {', '.join(REDUCED_DTYPES)})")
+                 help=f"comma-separated compute dtypes to compare with float32 "
+                      f"(of {', '.join(REDUCED_DTYPES)})")
   p.add_argument("--loss_scale", type=float, default=1.0, help="static loss scale of the reduced runs")
   p.add_argument("--json", action="store_true", help="print one JSON line per dtype")
   args = p.parse_args(argv)
@@ -158,12 +158,14 @@ def main(argv=None) -> int:
     if args.json:
       print(json.dumps(row))
       continue
-    print(f"{row['dtype']} (loss scale {row['loss_scale']:g}) vs float32, {'light' if row['light'] else 'full'} "
-          f"{row['img_size']}px ch {row['ch']} n_res {row['n_res']} batch {row['batch']}:")
+    model = "light" if row["light"] else "full"
+    print(f"{row['dtype']} (loss scale {row['loss_scale']:g}) vs float32, {model} {row['img_size']}px "
+          f"ch {row['ch']} n_res {row['n_res']} batch {row['batch']}:")
     for name, label in (("G", "generators"), ("D", "discriminators")):
       r = row[name]
       print(f"  {label:14s} gradient rel. error {r['rel_err']:.4f}  cosine {r['cosine']:.5f}  "
-            f"underflow {100 * r['underflow']:.3f}%  finite {r['finite']}  loss rel. error {r['loss_rel_err']:.2e}")
+            f"underflow {100 * r['underflow']:.3f}%  finite {r['finite']}  "
+            f"loss rel. error {r['loss_rel_err']:.2e}")
   return 0
 
 

@@ -306,21 +306,26 @@ def measure(args) -> dict:
   return result
 
 
-class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
   """--help names each option's default, except where there is none to name (flags, computed ones)."""
 
   def _get_help_string(self, action):
     return action.help if action.default in (None, False) else super()._get_help_string(action)
 
 
-def parse(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_DefaultsShown)
-  p.add_argument("--img_size", type=int, default=64, help="training image size (square)")
-  p.add_argument("--ch", type=int, default=64, help="base channel count (the original's --ch)")
+def add_model_flags(p: argparse.ArgumentParser, *, img_size: int = 64, ch: int = 64) -> None:
+  """--img_size, --ch, --n_res, --n_dis, --full: the model's size, as every benchmark here takes it."""
+  p.add_argument("--img_size", type=int, default=img_size, help="training image size (square)")
+  p.add_argument("--ch", type=int, default=ch, help="base channel count (the original's --ch)")
   p.add_argument("--n_res", type=int, default=6, help="residual blocks per generator")
   p.add_argument("--n_dis", type=int, default=None, help="discriminator layers (default: 7 at >= 128 px, "
                  "else 6)")
   p.add_argument("--full", action="store_true", help="the full model (default: light)")
+
+
+def parse(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsShown)
+  add_model_flags(p)
   p.add_argument("--batch", type=int, default=1, help="images per domain and step (over all devices)")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                  help="compute dtype (parameters and optimizer state stay float32)")

@@ -444,7 +444,8 @@ def smooth_image_folder(root, size: int = 72) -> None:
     for i in range(2):
       disc = ((yy - 0.5) ** 2 + (xx - 0.3 - 0.2 * i) ** 2 < 0.05)
       rgb = np.stack([np.sin(3 * xx + phase + i), np.cos(2 * yy - phase), disc * 1.0], -1)
-      Image.fromarray(((rgb + 1) * 100).clip(0, 255).astype(np.uint8)).save(root / f"test{domain}" / f"{i}.png")
+      image = Image.fromarray(((rgb + 1) * 100).clip(0, 255).astype(np.uint8))
+      image.save(root / f"test{domain}" / f"{i}.png")
 
 
 def test_precision_benchmark_finds_float16_closer_to_float32_than_bfloat16(capsys, tmp_path):

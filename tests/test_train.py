@@ -182,8 +182,8 @@ def test_an_overflowing_gradient_at_a_checkpoint_step_keeps_that_checkpoint_from
   monkeypatch.setattr(step_lib, "generator_loss", loss_that_overflows)
   monkeypatch.setattr(step_lib, "generator_update", update_that_overflows_at_step_4)
   config = tiny_config(dataset, tmp_path)  # checkpoints at steps 2 and 4
-  with pytest.raises(train.NonFiniteLossError,
-                     match=r"non-finite gradient G/grad_norm at step 4 \(also: none\).*last good checkpoint is step 2"):
+  expected = r"non-finite gradient G/grad_norm at step 4 \(also: none\).*last good checkpoint is step 2"
+  with pytest.raises(train.NonFiniteLossError, match=expected):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["2"]
 
