@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.speed import DefaultsShown, add_model_flags
+from benchmarks.speed import DefaultsShown, add_model_flags, check_model_flags, default_n_dis
 
 REDUCED_DTYPES = ("bfloat16", "float16")
 
@@ -132,17 +132,12 @@ def parse(argv=None):
   unknown = sorted(set(args.dtypes) - set(REDUCED_DTYPES))
   if unknown or not args.dtypes:
     p.error(f"--dtypes={','.join(args.dtypes)}: use some of {', '.join(REDUCED_DTYPES)}")
-  if args.n_dis is None:
-    args.n_dis = 7 if args.img_size >= 128 else 6
+  default_n_dis(args)
   if args.batch < 1 or args.loss_scale <= 0:
     p.error("--batch must be >= 1 and --loss_scale > 0")
   if not pathlib.Path(args.data).is_dir():
     p.error(f"--data={args.data}: no such folder (give one with testA/ and testB/ image folders)")
-  from nicegan_jax import config_lib
-  try:
-    config_lib.validate_model(make_config(args, "float32").model)
-  except config_lib.ConfigError as e:
-    p.error(str(e).replace("config.model.", "--"))
+  check_model_flags(p, make_config(args, "float32").model)
   return args
 
 

@@ -323,6 +323,21 @@ def add_model_flags(p: argparse.ArgumentParser, *, img_size: int = 64, ch: int =
   p.add_argument("--full", action="store_true", help="the full model (default: light)")
 
 
+def default_n_dis(args) -> None:
+  """--n_dis left unset: 7 at 128 px and above, else 6 (what the configs use)."""
+  if args.n_dis is None:
+    args.n_dis = 7 if args.img_size >= 128 else 6
+
+
+def check_model_flags(p: argparse.ArgumentParser, model_config) -> None:
+  """The config's model check on the model the flags built; a failure is a usage error naming the flag."""
+  from nicegan_jax import config_lib
+  try:
+    config_lib.validate_model(model_config)
+  except config_lib.ConfigError as e:
+    p.error(str(e).replace("config.model.", "--"))  # the flags carry the model fields' names
+
+
 def parse(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsShown)
   add_model_flags(p)
@@ -358,8 +373,7 @@ def parse(argv=None):
   p.add_argument("--json", action="store_true", help="print one JSON line")
   p.add_argument("--table", metavar="JSONL", help="only print the markdown table of a file of JSON lines")
   args = p.parse_args(argv)
-  if args.n_dis is None:
-    args.n_dis = 7 if args.img_size >= 128 else 6
+  default_n_dis(args)
   if args.table:
     return args
   for name, least in (("batch", 1), ("steps_per_dispatch", 1), ("steps", 1), ("warmup", 0),
@@ -369,11 +383,7 @@ def parse(argv=None):
       p.error(f"--{name}={value}: must be >= {least}")
   if args.devices == 0 or args.devices < -1:
     p.error(f"--devices={args.devices}: use -1 (all devices) or a positive count")
-  from nicegan_jax import config_lib
-  try:
-    config_lib.validate_model(make_config(args).model)
-  except config_lib.ConfigError as e:
-    p.error(str(e).replace("config.model.", "--"))  # the flags carry the model fields' names
+  check_model_flags(p, make_config(args).model)
   return args
 
 

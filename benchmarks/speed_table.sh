@@ -50,7 +50,8 @@ cpu)
   ;;
 accelerator)
   # The two targets (bfloat16 at batch 1: iterations/s; at batch 8: fraction of peak), then float32,
-  # then the options, then float16. Translation speed on the first two batch-1 rows only (it compiles two programs).
+  # then the options, then float16. Translation speed on the first two batch-1 rows only (it compiles
+  # two programs).
   row --img_size=256 --batch=1 --steps=50 --dtype=bfloat16 $(profile light256_b1_bf16)
   row --img_size=256 --batch=8 --steps=20 --dtype=bfloat16 --no_translate $(profile light256_b8_bf16)
   row --img_size=256 --batch=1 --steps=50 --dtype=float32

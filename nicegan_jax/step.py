@@ -33,6 +33,8 @@ from nicegan_jax.models import DiscriminatorOutput, Models
 from nicegan_jax.train_state import TrainState
 
 HEADS = ("local", "global", "cam")
+D_GRAD_NORM, G_GRAD_NORM = "D/grad_norm", "G/grad_norm"  # metrics beside the loss terms
+GRAD_NORMS = (D_GRAD_NORM, G_GRAD_NORM)
 
 
 def _head_logits(out: DiscriminatorOutput) -> dict[str, jax.Array]:
@@ -120,7 +122,7 @@ def discriminator_update(state: TrainState, batch: dict[str, jax.Array], *, mode
                                             models=models, adv_weight=adv_weight)
   updates, d_opt_state = d_tx.update(grads, state.d_opt_state, state.disc_params)
   disc_params = optax.apply_updates(state.disc_params, updates)
-  metrics = {**metrics, "D/grad_norm": optax.tree.norm(grads)}
+  metrics = {**metrics, D_GRAD_NORM: optax.tree.norm(grads)}
   return state.replace(disc_params=disc_params, d_opt_state=d_opt_state, spectral=spectral), metrics
 
 
@@ -134,7 +136,7 @@ def generator_update(state: TrainState, batch: dict[str, jax.Array], *, models: 
       cycle_weight=cycle_weight, recon_weight=recon_weight)
   updates, g_opt_state = g_tx.update(grads, state.g_opt_state, state.gen_params)
   gen_params = optax.apply_updates(state.gen_params, updates)
-  metrics = {**metrics, "G/grad_norm": optax.tree.norm(grads)}
+  metrics = {**metrics, G_GRAD_NORM: optax.tree.norm(grads)}
   return state.replace(gen_params=gen_params, g_opt_state=g_opt_state, spectral=spectral), metrics
 
 

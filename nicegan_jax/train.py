@@ -76,9 +76,8 @@ def summarize(acc: MetricAccumulator) -> dict[str, float]:
   host = jax.device_get(acc)
   bad = {k: int(s) for k, s in host.first_nonfinite_step.items() if s >= 0}
   if bad:
-    is_gradient = lambda name: name.endswith("grad_norm")
-    term = min(bad, key=lambda name: (bad[name], is_gradient(name)))  # a loss term first, at the same step
-    kind = "gradient" if is_gradient(term) else "loss term"
+    term = min(bad, key=lambda name: (bad[name], name in step_lib.GRAD_NORMS))  # a loss term first
+    kind = "gradient" if term in step_lib.GRAD_NORMS else "loss term"
     raise NonFiniteLossError(f"non-finite {kind} {term} at step {bad[term]} "
                              f"(also: {', '.join(sorted(set(bad) - {term})) or 'none'})")
   return {k: float(v) / int(host.count) for k, v in host.sums.items()}
