@@ -5,7 +5,9 @@ Owns: `StopRequests`, which the training loop asks after every dispatch whether 
 
 - One process: the first SIGINT or SIGTERM (Ctrl-C, `kill`, a scheduler's or a notebook's interrupt)
   is only noted, so the step in flight finishes and the loop saves a checkpoint at it before stopping;
-  the signal's previous handler is put back at once, so a second one acts as it always does.
+  the signal's previous handler is put back at once, so a second one acts as it always does. A signal
+  the process was started with ignored (SIGINT, for a job a script started with `cmd &`) stays
+  ignored, as whoever started it asked.
 - Several processes: every process has to stop at the same step, or the collective save would wait
   forever. JAX's preemption sync manager (started by `jax.distributed.initialize`) catches SIGTERM on
   any host — the notice that preemptible TPU and GPU VMs get — and agrees on a step with all the others
@@ -44,7 +46,8 @@ class StopRequests:
     if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
       return self  # several processes: JAX's preemption sync; off the main thread signals cannot be caught
     for signum in SIGNALS:
-      self._previous[signum] = signal.signal(signum, self._note)
+      if signal.getsignal(signum) is not signal.SIG_IGN:
+        self._previous[signum] = signal.signal(signum, self._note)
     return self
 
   def _note(self, signum, frame) -> None:

@@ -28,6 +28,9 @@ def quiet_handlers():
 
 
 def test_a_first_signal_is_noted_and_a_second_acts_as_before(quiet_handlers):
+  # Set here rather than inherited: a process started in the background by a shell (`cmd &`) begins
+  # with SIGINT ignored, and Python then keeps it ignored.
+  signal.signal(signal.SIGINT, signal.default_int_handler)
   seen = []
   signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))  # "as before": this one
   stop = preemption.StopRequests().install()
@@ -45,11 +48,26 @@ def test_a_first_signal_is_noted_and_a_second_acts_as_before(quiet_handlers):
 
 
 def test_restore_puts_back_the_handlers_of_an_uninterrupted_run(quiet_handlers):
+  signal.signal(signal.SIGINT, signal.default_int_handler)
+  signal.signal(signal.SIGTERM, signal.SIG_DFL)
   before = {s: signal.getsignal(s) for s in preemption.SIGNALS}
   stop = preemption.StopRequests().install()
   assert all(signal.getsignal(s) != before[s] for s in preemption.SIGNALS)
   stop.restore()
   assert {s: signal.getsignal(s) for s in preemption.SIGNALS} == before
+
+
+def test_a_signal_the_process_ignores_stays_ignored(quiet_handlers):
+  signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a script's `cmd &` starts a process
+  signal.signal(signal.SIGTERM, signal.SIG_DFL)
+  stop = preemption.StopRequests().install()
+  assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+  assert signal.getsignal(signal.SIGTERM) == stop._note
+  os.kill(os.getpid(), signal.SIGINT)
+  assert stop.stop_signal(1, ckpt=None) is None and stop.received == []
+  stop.restore()
+  assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_the_interruption_is_a_keyboard_interrupt_naming_step_and_checkpoints():
