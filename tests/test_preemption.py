@@ -20,17 +20,18 @@ STOP_TIMEOUT_S = 480
 
 @pytest.fixture
 def quiet_handlers():
-  """Leaves SIGINT and SIGTERM as they were, whatever a test did to them."""
+  """Starts a test from Python's own SIGINT and SIGTERM handlers, whatever the process inherited (one
+  started in the background by a shell, `cmd &`, begins with SIGINT ignored, and Python keeps it so),
+  and leaves both as they were before, whatever the test did to them."""
   before = {s: signal.getsignal(s) for s in preemption.SIGNALS}
+  signal.signal(signal.SIGINT, signal.default_int_handler)
+  signal.signal(signal.SIGTERM, signal.SIG_DFL)
   yield
   for s, handler in before.items():
     signal.signal(s, handler)
 
 
 def test_a_first_signal_is_noted_and_a_second_acts_as_before(quiet_handlers):
-  # Set here rather than inherited: a process started in the background by a shell (`cmd &`) begins
-  # with SIGINT ignored, and Python then keeps it ignored.
-  signal.signal(signal.SIGINT, signal.default_int_handler)
   seen = []
   signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))  # "as before": this one
   stop = preemption.StopRequests().install()
@@ -48,8 +49,6 @@ def test_a_first_signal_is_noted_and_a_second_acts_as_before(quiet_handlers):
 
 
 def test_restore_puts_back_the_handlers_of_an_uninterrupted_run(quiet_handlers):
-  signal.signal(signal.SIGINT, signal.default_int_handler)
-  signal.signal(signal.SIGTERM, signal.SIG_DFL)
   before = {s: signal.getsignal(s) for s in preemption.SIGNALS}
   stop = preemption.StopRequests().install()
   assert all(signal.getsignal(s) != before[s] for s in preemption.SIGNALS)
@@ -59,7 +58,6 @@ def test_restore_puts_back_the_handlers_of_an_uninterrupted_run(quiet_handlers):
 
 def test_a_signal_the_process_ignores_stays_ignored(quiet_handlers):
   signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a script's `cmd &` starts a process
-  signal.signal(signal.SIGTERM, signal.SIG_DFL)
   stop = preemption.StopRequests().install()
   assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
   assert signal.getsignal(signal.SIGTERM) == stop._note
