@@ -49,6 +49,7 @@ flags.DEFINE_string("output", None, "translate: the folder for the PNG outputs (
 flags.DEFINE_enum("direction", "A2B", list(translate_lib.DIRECTIONS), "translate, export: A2B or B2A.")
 flags.DEFINE_list("platforms", list(export_lib.PLATFORMS), "export: the platforms the program is "
                   f"compiled for, some of {', '.join(export_lib.KNOWN_PLATFORMS)}.")
+flags.DEFINE_bool("overwrite", False, "export: replace --output if it exists (otherwise refused).")
 flags.DEFINE_bool("native", False, "translate: work at the input's own size (light models) instead of "
                   "the training size; outputs have the input's size either way.")
 flags.DEFINE_string("torch_checkpoint", None, "import_torch: the original's <dataset>_params_latest.pt or "
@@ -150,13 +151,14 @@ def run_export() -> None:
     raise app.UsageError("--mode=export needs --output (the file to write)")
   if pathlib.Path(FLAGS.output).expanduser().is_dir():
     raise app.UsageError(f"--output={FLAGS.output} is a folder: --mode=export writes one file")
+  export_lib.check_output(FLAGS.output, FLAGS.overwrite)  # before loading and exporting, not after
   try:
     platforms = export_lib.check_platforms(FLAGS.platforms)
   except ValueError as e:
     raise app.UsageError(f"--platforms: {e}") from None
   translator = translate_lib.load_translator(FLAGS.workdir)
   exported = export_lib.export_translator(translator, FLAGS.direction, platforms)
-  path = export_lib.write_exported(exported, FLAGS.output)
+  path = export_lib.write_exported(exported, FLAGS.output, overwrite=FLAGS.overwrite)
   print(f"Wrote {FLAGS.direction} ({convert.describe(translator.config.model)}) for "
         f"{', '.join(platforms)} to {path} ({path.stat().st_size / 2**20:.1f} MiB): "
         f"{exported.in_avals[0].str_short()} in [-1, 1] -> the same. Run it with JAX alone: "
@@ -187,14 +189,29 @@ def main(argv):
     elif FLAGS.mode == "export":
       run_export()
   except (config_lib.ConfigError, datasets.DataError, train.NonFiniteLossError, FileNotFoundError,
-          inception.WeightsError, convert.ConversionError) as e:
-    logging.error("%s", e)
-    sys.exit(f"error: {e}")
+          inception.WeightsError, convert.ConversionError, checkpoints.CheckpointError,
+          translate_files.OutputError, FileExistsError) as e:
+    sys.exit(f"error: {e}")  # one line, exit status 1
   except preemption.TrainingInterrupted as e:  # the shell's code for death by that signal: 130, 143
     logging.warning("%s", e)
     print(f"Training {e}", file=sys.stderr)
     sys.exit(128 + e.signum)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with an unknown `--config.<field>` reported in one line (ml_collections
+  raises an AttributeError or KeyError for it while the flags are parsed, before main runs)."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    text = (str(e.args[0]) if e.args else str(e)).replace("\\n", "\n").replace("\\'", "'")
+    key, _, hint = text.strip("'\"").partition("\n")
+    key = key.strip("'\"")
+    named = [a.split("=")[0] for a in argv[1:]
+             if a.startswith("--config.") and key in a.split("=")[0].split(".")[1:]]
+    sys.exit(f"error: {named[0] if named else '--config.' + key}: no such config field"
+             f"{' (' + hint.strip() + ')' if hint.strip() else ''}; configs/default.py lists every field")
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -228,10 +228,8 @@ def training_time(workdir: pathlib.Path, steps_before: int, steps_after: int, se
 
 
 def newest_step(workdir: pathlib.Path) -> int:
-  try:
-    return int(inference.checkpoint_dir(workdir).name)
-  except FileNotFoundError:
-    return 0
+  steps = checkpoints.list_steps(checkpoints.checkpoints_root(workdir))
+  return steps[-1] if steps else 0
 
 
 def translate_horses(translator, horses_64: np.ndarray) -> np.ndarray:
@@ -320,8 +318,8 @@ def run_benchmark(config, workdir: pathlib.Path, *, eval_only: bool = False, num
   results["passed"] = all(results["pass"].values())
   if every_checkpoint:
     results["checkpoints"] = []
-    root, kept = inference.checkpoint_steps(workdir)
-    for step in kept:  # the newest is the one scored above
+    root = checkpoints.checkpoints_root(workdir)
+    for step in checkpoints.list_steps(root):  # the newest is the one scored above
       scored = results if step == steps else scores(
           translate_horses(inference.load_translator(root / str(step)), horses_64))
       row = {"steps": step, **{k: scored[k] for k in CRITERIA}}

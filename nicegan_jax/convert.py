@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from nicegan_jax import checkpoints, torch_pickle
+from nicegan_jax import checkpoints, config_lib, torch_pickle
 from nicegan_jax import models as models_lib
 from nicegan_jax import train_state as train_state_lib
 from nicegan_jax.param_map import discriminator_key_map, generator_key_map
@@ -41,38 +41,54 @@ class ConversionError(ValueError):
 
 # --------------------------------------------------------------------------------------------- reading
 def read_checkpoint(path: str | pathlib.Path) -> dict:
-  """The checkpoint dict with numpy tensors; profiler entries removed from the four state_dicts."""
+  """The checkpoint dict with numpy tensors; profiler entries removed from the four state_dicts.
+
+  The file is read by `torch_pickle` (no code runs; memory bounded by the file's size) and its shape
+  checked: four state_dicts of named floating-point tensors. Anything else is a ConversionError.
+  """
   path = pathlib.Path(path).expanduser()
   if not path.is_file():
     raise ConversionError(f"no such file {path}")
   try:
-    ckpt = torch_pickle.load(path.read_bytes())
+    data = path.read_bytes()
+  except OSError as e:
+    raise ConversionError(f"cannot read {path}: {e.strerror or e}") from None
+  try:
+    ckpt = torch_pickle.load(data)
   except torch_pickle.TorchFileError as e:
     raise ConversionError(f"{path} is not a readable PyTorch file: {e}") from None
   if not isinstance(ckpt, dict):
     raise ConversionError(f"{path} holds a {type(ckpt).__name__}, not the original's checkpoint dict")
   missing = [k for k in NETWORKS if not isinstance(ckpt.get(k), dict)]
   if missing:
+    found = ", ".join(sorted(repr(k)[:40] for k in ckpt)[:20]) or "none"
     raise ConversionError(f"{path} is not an original NICE-GAN checkpoint: missing {', '.join(missing)} "
-                          f"(found keys: {', '.join(map(str, ckpt)) or 'none'})")
+                          f"(found keys: {found})")
   for name in NETWORKS:
+    bad = [repr(k)[:60] for k, v in ckpt[name].items()
+           if not isinstance(k, str) or not (isinstance(v, np.ndarray) and v.dtype.kind in "fiub")]
+    if bad:
+      raise ConversionError(f"{path}: {name} holds entries that are not named tensors: {', '.join(bad[:5])}")
     ckpt[name] = {k: v for k, v in ckpt[name].items() if k.rsplit(".", 1)[-1] not in PROFILER_ENTRIES}
   return ckpt
 
 
-def _shape(state_dict: dict, key: str, network: str) -> tuple[int, ...]:
+def _shape(state_dict: dict, key: str, network: str, ndim: int) -> tuple[int, ...]:
   if key not in state_dict:
     raise ConversionError(f"{network}: missing {key}; cannot infer the model")
-  return tuple(np.shape(state_dict[key]))
+  shape = tuple(np.shape(state_dict[key]))
+  if len(shape) != ndim or min(shape, default=0) < 1:
+    raise ConversionError(f"{network}: {key} has shape {shape}; expected {ndim} non-zero dimensions")
+  return shape
 
 
 def infer_model(ckpt: dict, img_size: int = 256) -> dict:
   """{ch, n_res, n_dis, light, img_size} from the tensor shapes (`img_size` used for light models)."""
   dis, gen = ckpt["disA"], ckpt["gen2B"]
-  ch = _shape(dis, "model.1.weight_orig", "disA")[0]
+  ch = _shape(dis, "model.1.weight_orig", "disA", 4)[0]
   n_dis = 6 + sum(1 for k in dis if k.startswith("Dis0_0.") and k.endswith(".weight_orig"))
   n_res = sum(1 for k in gen if k.startswith("UpBlock1_") and k.endswith(".conv1.weight"))
-  fc_out, fc_in = _shape(gen, "FC.0.weight", "gen2B")
+  fc_out, fc_in = _shape(gen, "FC.0.weight", "gen2B", 2)
   light = fc_in == 4 * ch
   if not light:
     side = math.isqrt(fc_in // (4 * ch))
@@ -179,8 +195,12 @@ def convert_optimizer(opt_state_dict: dict, ckpt: dict, owners: tuple[str, str],
                       params_template: dict) -> tuple[dict, dict, int]:
   """(mu, nu, count) of one original Adam optimiser, mu/nu shaped like our {owner: params}."""
   order = [(name, key) for name in owners for key in parameter_keys(ckpt[name])]
-  state = opt_state_dict.get("state", {})
-  groups = opt_state_dict.get("param_groups", [])
+  what = f"the optimiser of {' + '.join(owners)}"
+  state = opt_state_dict.get("state", {}) if isinstance(opt_state_dict, dict) else None
+  groups = opt_state_dict.get("param_groups", []) if isinstance(opt_state_dict, dict) else None
+  if not isinstance(state, dict) or not isinstance(groups, list) or not all(
+      isinstance(g, dict) and isinstance(g.get("params", []), list) for g in groups):
+    raise ConversionError(f"{what} is not a torch optimiser state_dict (state, param_groups)")
   indices = [i for g in groups for i in g.get("params", [])]
   if len(indices) != len(order):
     raise ConversionError(f"the optimiser of {' + '.join(owners)} holds {len(indices)} parameters; the "
@@ -189,9 +209,12 @@ def convert_optimizer(opt_state_dict: dict, ckpt: dict, owners: tuple[str, str],
   nu = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), params_template)
   count, bad = 0, []
   for index, (name, key) in zip(indices, order):
-    entry = state.get(index)
+    entry = state.get(index) if _is_index(index) else None
     if entry is None:  # a parameter that never had a gradient: zero moments, as torch would start
       continue
+    if not isinstance(entry, dict) or not all(isinstance(entry.get(f), np.ndarray)
+                                              for f in ("exp_avg", "exp_avg_sq")):
+      raise ConversionError(f"{what}: the state of {name}.{key} lacks the exp_avg and exp_avg_sq tensors")
     _, path, kind = key_map(name, model)[key]
     for moments, field in ((mu, "exp_avg"), (nu, "exp_avg_sq")):
       value = np.asarray(entry[field])
@@ -199,10 +222,28 @@ def convert_optimizer(opt_state_dict: dict, ckpt: dict, owners: tuple[str, str],
         bad.append(f"{name}.{key} {field} {value.shape}")
         continue
       _set_path(moments[name], path, to_ours(kind, value))
-    count = max(count, int(np.asarray(entry["step"])))
+    count = max(count, step_number(entry.get("step"), f"{what}: the step of {name}.{key}"))
   if bad:
     raise ConversionError(f"optimiser state does not match the parameters: {'; '.join(bad)}")
   return mu, nu, count
+
+
+MAX_STEP = 2**31 - 1  # steps are int32
+
+
+def _is_index(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def step_number(value, what: str) -> int:
+  """A training step stored as a number or a one-element tensor, as an int in [0, 2^31)."""
+  array = np.asarray(value) if isinstance(value, (int, float, np.ndarray, np.generic)) else None
+  if array is None or array.size != 1 or array.dtype.kind not in "iuf" or not np.isfinite(array).all():
+    raise ConversionError(f"{what} is {repr(value)[:60]}, not a step number")
+  step = float(array.reshape(()))
+  if step != int(step) or not 0 <= step <= MAX_STEP:
+    raise ConversionError(f"{what} is {step}, not a step number in [0, {MAX_STEP}]")
+  return int(step)
 
 
 def _as_jax(tree):
@@ -232,7 +273,7 @@ def build_train_state(ckpt: dict, config, models: models_lib.Models, *,
     d_mu, d_nu, d_count = convert_optimizer(ckpt["D_optimizer"], ckpt, ("disA", "disB"), model,
                                             disc_params)
     g_opt, d_opt = _with_adam(g_opt, g_mu, g_nu, g_count), _with_adam(d_opt, d_mu, d_nu, d_count)
-    step = int(ckpt.get("start_iter", g_count))
+    step = step_number(ckpt.get("start_iter", g_count), "start_iter")
   rng = jax.random.split(jax.random.PRNGKey(config.train.seed))[1]  # as create_train_state
   return train_state_lib.TrainState(
       step=jnp.asarray(step, jnp.int32), gen_params=_as_jax(gen_params), disc_params=_as_jax(disc_params),
@@ -251,28 +292,47 @@ def import_config(ckpt: dict, base_config: ml_collections.ConfigDict | None = No
   return config
 
 
+def load_torch_checkpoint(torch_file: str | pathlib.Path, base_config: ml_collections.ConfigDict | None = None,
+                          *, with_optimizer: bool = True) -> tuple[train_state_lib.TrainState,
+                                                                    ml_collections.ConfigDict]:
+  """(TrainState, config) of an original checkpoint file, without writing anything.
+
+  Every way the file can fail to be such a checkpoint raises ConversionError, whatever its bytes.
+  """
+  ckpt = read_checkpoint(torch_file)
+  config = import_config(ckpt, base_config)
+  try:
+    config_lib.validate_model(config.model)
+  except config_lib.ConfigError as e:
+    raise ConversionError(f"{torch_file}: the model read from its shapes cannot work: {e}") from None
+  try:
+    state = build_train_state(ckpt, config, models_lib.create_models(config.model),
+                              with_optimizer=with_optimizer)
+  except ConversionError:
+    raise
+  except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError,
+          OverflowError) as e:  # a structure the checks above did not foresee: still the file's fault
+    raise ConversionError(f"{torch_file} does not hold a NICE-GAN checkpoint this importer understands "
+                          f"({type(e).__name__}: {str(e)[:200]})") from None
+  if int(state.step) >= config.train.num_steps:
+    config.train.num_steps = int(state.step)  # nothing left to train, but a valid config
+  return state, config
+
+
 def import_checkpoint(torch_file: str | pathlib.Path, workdir: str | pathlib.Path,
                       base_config: ml_collections.ConfigDict | None = None, *,
                       with_optimizer: bool = True) -> tuple[int, ml_collections.ConfigDict]:
   """Converts `torch_file` into <workdir>/checkpoints/<step>/; returns (step, config).
 
-  The workdir must not hold checkpoints yet (nothing is overwritten). The written checkpoint is an
-  ordinary one: translate, evaluate and training resume accept it.
+  The workdir must not hold checkpoints yet (nothing is overwritten), and nothing is written unless
+  the whole file converts. The written checkpoint is an ordinary one: translate, evaluate and training
+  resume accept it.
   """
-  ckpt = read_checkpoint(torch_file)
-  config = import_config(ckpt, base_config)
-  try:
-    models_lib.discriminator_feature_sizes(config.model.img_size, config.model.n_dis)
-  except ValueError as e:
-    raise ConversionError(f"model.img_size={config.model.img_size}: {e}") from None
   workdir = pathlib.Path(workdir).expanduser()
   ckpt_dir = workdir / "checkpoints"
-  if ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
+  if checkpoints.list_steps(ckpt_dir):
     raise ConversionError(f"{ckpt_dir} already holds checkpoints; import into a new --workdir")
-  models = models_lib.create_models(config.model)
-  state = build_train_state(ckpt, config, models, with_optimizer=with_optimizer)
-  if int(state.step) >= config.train.num_steps:
-    config.train.num_steps = int(state.step)  # nothing left to train, but a valid config
+  state, config = load_torch_checkpoint(torch_file, base_config, with_optimizer=with_optimizer)
   workdir.mkdir(parents=True, exist_ok=True)
   writer = checkpoints.Checkpointer(ckpt_dir, async_save=False)
   try:

@@ -73,21 +73,45 @@ def require_images(folder: pathlib.Path) -> list[pathlib.Path]:
   return files
 
 
-def read_rgb(path: pathlib.Path) -> np.ndarray:
-  """An image file as (H, W, 3) uint8; grayscale, RGBA and palette images are converted to RGB.
+SIXTEEN_BIT_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N")  # 16-bit greyscale PNG and TIFF
+UNSCALED_MODES = {"I": "32-bit integer", "F": "32-bit floating-point"}  # no range to map onto 0..255
 
-  Raises DataError naming the file if it cannot be decoded.
+
+def to_rgb(image: Image.Image) -> np.ndarray:
+  """A decoded PIL image as (H, W, 3) uint8, the one conversion every reader uses.
+
+  8-bit modes (greyscale, palette, RGBA, CMYK, ...) go through PIL's `convert("RGB")`, as the original's
+  loader (alpha is dropped). 16-bit greyscale is scaled to 0..255 (v / 257, rounded), where
+  `convert("RGB")` would clip almost every pixel to white. 32-bit integer and floating-point images
+  have no standard range and are refused, naming the mode (ValueError); so is anything PIL cannot
+  convert to RGB.
   """
+  if image.mode in SIXTEEN_BIT_GREY_MODES:
+    grey = (np.asarray(image).astype(np.uint32) + 128) // 257
+    return np.repeat(grey.astype(np.uint8)[..., None], 3, axis=-1)
+  if image.mode in UNSCALED_MODES:
+    raise ValueError(f"a {UNSCALED_MODES[image.mode]} image (PIL mode {image.mode}) has no standard range "
+                     "of values; save it as an 8- or 16-bit image")
+  return np.asarray(image.convert("RGB"), np.uint8)
+
+
+def read_rgb(path: pathlib.Path) -> np.ndarray:
+  """An image file as (H, W, 3) uint8 (`to_rgb`). Raises DataError naming the file if it is missing,
+  cannot be decoded or has a mode that cannot be converted."""
   try:
     with Image.open(path) as img:
       img.load()
-      return np.asarray(img.convert("RGB"), np.uint8)
+      return to_rgb(img)
   except Exception as e:  # PIL raises many types for bad files
     raise DataError(f"cannot read image {path}: {e}") from e
 
 
+DECODING_VERSION = 2  # bumped when to_rgb changes what a file decodes to (2: 16-bit greyscale scaled)
+
+
 def _folder_fingerprint(root: pathlib.Path, files: dict[str, list[pathlib.Path]], skip: bool) -> str:
-  h = hashlib.sha256(f"{root.resolve()}|skip={skip}".encode())
+  """Names a prepared copy of a folder: its files' names, sizes and times, and how they are decoded."""
+  h = hashlib.sha256(f"{root.resolve()}|skip={skip}|decoding={DECODING_VERSION}".encode())
   for split in SPLITS:
     for f in files[split]:
       st = f.stat()

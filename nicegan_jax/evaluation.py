@@ -140,7 +140,7 @@ def evaluate_run(workdir: str | pathlib.Path, *, weights_file: str | None = None
   from nicegan_jax import inference, translate_files
   workdir = pathlib.Path(workdir)
   translator = inference.load_translator(workdir)
-  step = int(inference.checkpoint_dir(workdir).name)
+  step = translator.step
   config = translator.config
   sources = datasets_lib.load_domains(config.data, config.model.img_size)
   translate_files.split_size(sources["testA"], max_images)  # a bad max_images fails before any work

@@ -60,11 +60,21 @@ def export_translator(translator: inference.Translator, direction: str = "A2B",
   return jax_export.export(jax.jit(translate), platforms=platforms)(images)
 
 
-def write_exported(exported: jax_export.Exported, path: str | pathlib.Path) -> pathlib.Path:
-  """Serialises `exported` to `path`, written under a temporary name and renamed when complete."""
+def check_output(path: str | pathlib.Path, overwrite: bool = False) -> pathlib.Path:
+  """`path` as a Path, refused when it is a folder, or an existing file unless `overwrite`."""
   path = pathlib.Path(path).expanduser()
   if path.is_dir():
     raise ValueError(f"{path} is a folder: give the exported program a file name")
+  if path.exists() and not overwrite:
+    raise FileExistsError(f"{path} exists; give another file name, or --overwrite to replace it")
+  return path
+
+
+def write_exported(exported: jax_export.Exported, path: str | pathlib.Path, *,
+                   overwrite: bool = False) -> pathlib.Path:
+  """Serialises `exported` to `path` (an existing file only with `overwrite`), written under a
+  temporary name and renamed when complete."""
+  path = check_output(path, overwrite)
   path.parent.mkdir(parents=True, exist_ok=True)
   partial = path.with_name(path.name + ".partial")
   partial.write_bytes(exported.serialize())

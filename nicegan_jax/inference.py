@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from nicegan_jax import checkpoints, input_pipeline
 from nicegan_jax import models as models_lib
@@ -38,53 +37,32 @@ class Translator(NamedTuple):
   models: models_lib.Models
   encoders: dict[str, Any]  # "A2B" -> disA's variables (params + spectral), "B2A" -> disB's
   generators: dict[str, Any]  # "A2B" -> gen2B's params, "B2A" -> gen2A's
-
-
-def checkpoint_steps(path: pathlib.Path) -> tuple[pathlib.Path, list[int]]:
-  """A workdir or its checkpoints/ folder -> (that checkpoints folder, its complete steps, ascending)."""
-  root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-  steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "state").is_dir()) \
-      if root.is_dir() else []
-  return root, steps
-
-
-def checkpoint_dir(path: pathlib.Path) -> pathlib.Path:
-  """A workdir, its checkpoints/ folder or one checkpoint folder -> the checkpoint folder to read."""
-  if (path / "state").is_dir():
-    return path
-  root, steps = checkpoint_steps(path)
-  if not steps:
-    raise FileNotFoundError(f"no checkpoint under {path} (expected a workdir with checkpoints/<step>/)")
-  return root / str(steps[-1])
+  step: int | None = None  # the training step of the checkpoint it was read from
 
 
 def load_translator(path: str | pathlib.Path) -> Translator:
-  """Reads the config and only the inference weights (no optimiser state) from a checkpoint."""
-  ckpt = checkpoint_dir(checkpoints.local_path(path, "checkpoint path").absolute())  # Orbax wants absolute
-  checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-  config_dict = checkpointer.restore(ckpt, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  """Reads the config and only the inference weights (no optimiser state) from a workdir's newest
+  readable checkpoint, or from one checkpoint folder (`checkpoints.restore_for_inference`)."""
+  def wanted(config_dict):
+    models = models_lib.create_models(ml_collections.ConfigDict(config_dict).model)
+    gen_params, disc_params, spectral = jax.eval_shape(lambda: train_state_lib.init_network_variables(
+        models, config_dict["model"]["img_size"], jax.random.PRNGKey(0)))
+    return {"gen_params": gen_params, "disc_params": disc_params, "spectral": spectral}
+
+  config_dict, state, step = checkpoints.restore_for_inference(path, wanted)
   config = ml_collections.ConfigDict(config_dict)
   models = models_lib.create_models(config.model)
-  shapes = jax.eval_shape(lambda: train_state_lib.init_network_variables(
-      models, config.model.img_size, jax.random.PRNGKey(0)))
-  gen_params, disc_params, spectral = shapes
-  wanted = {"gen_params": gen_params, "disc_params": disc_params, "spectral": spectral}
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # whatever topology saved it
-  restore_args = jax.tree.map(
-      lambda x: ocp.ArrayRestoreArgs(restore_type=jax.Array, dtype=x.dtype, sharding=device), wanted)
-  state = checkpointer.restore(ckpt, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item=wanted, restore_args=restore_args, partial_restore=True)))["state"]
   encoders = {"A2B": {"params": state["disc_params"]["disA"], "spectral": state["spectral"]["disA"]},
               "B2A": {"params": state["disc_params"]["disB"], "spectral": state["spectral"]["disB"]}}
   generators = {"A2B": state["gen_params"]["gen2B"], "B2A": state["gen_params"]["gen2A"]}
-  return Translator(config, models, encoders, generators)
+  return Translator(config, models, encoders, generators, step)
 
 
 def translator_from_state(config, models: models_lib.Models, state) -> Translator:
   """The Translator of a live TrainState (e.g. at the end of training)."""
   return Translator(config, models,
                     {"A2B": state.disc_variables("disA"), "B2A": state.disc_variables("disB")},
-                    {"A2B": state.gen_params["gen2B"], "B2A": state.gen_params["gen2A"]})
+                    {"A2B": state.gen_params["gen2B"], "B2A": state.gen_params["gen2A"]}, int(state.step))
 
 
 def check_images(images) -> tuple[np.ndarray, bool]:

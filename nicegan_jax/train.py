@@ -149,37 +149,16 @@ def evaluate_and_keep_best(state, models: Models, config, evaluator, best: check
     logging.info("New best checkpoint (mean KIDx100 %.3f) at step %d", kid, step)
 
 
-EXECUTION_ONLY = ("dtype", "remat", "conv_weight_grad")  # model fields that change how, not what, is computed
-
-
-def check_same_model(config, ckpt: checkpoints.Checkpointer) -> None:
-  """A workdir's checkpoints must hold the configured model; else say so instead of restoring."""
-  steps = ckpt.steps()
-  if not steps:
-    return
-  try:
-    saved = ckpt.restore_config(steps[-1])["model"]
-  except Exception:  # unreadable config: restore_latest will deal with that checkpoint
-    return
-  current = config.model.to_dict()
-  changed = sorted(k for k in (set(saved) | set(current)) - set(EXECUTION_ONLY)
-                   if saved.get(k) != current.get(k))
-  if changed:
-    raise config_lib.ConfigError(
-        f"{ckpt.directory} holds checkpoints of a different model (" +
-        ", ".join(f"model.{k}: saved {saved.get(k)!r}, configured {current.get(k)!r}" for k in changed) +
-        "); use another --workdir or the saved settings")
-
-
 def initial_state(config, models: Models, mesh, ckpt: checkpoints.Checkpointer):
   """(state, its shardings): the newest checkpoint's state restored onto `mesh` (whatever topology
-  wrote it), or a fresh one, placed by the sharding rules."""
-  check_same_model(config, ckpt)
+  wrote it), or a fresh one, placed by the sharding rules. Checkpoints of another model, or none that
+  restores, raise `checkpoints.CheckpointError` (see `checkpoints.restore_latest`)."""
   create = lambda shardings: train_state_lib.create_train_state(
       config, jax.random.PRNGKey(config.train.seed), models, out_shardings=shardings)
   shapes = jax.eval_shape(lambda: create(None))
   shardings = sharding.state_shardings(shapes, mesh, config.mesh.shard_min_size)
-  state, step = ckpt.restore_latest(checkpoints.abstract_like(shapes, shardings))
+  state, step = ckpt.restore_latest(checkpoints.abstract_like(shapes, shardings),
+                                    model=config.model.to_dict())
   if state is None:
     return create(shardings), shardings
   logging.info("Resuming from the checkpoint at step %d in %s", step, ckpt.directory)
@@ -236,7 +215,6 @@ def train_and_evaluate(config, workdir: str, *,
   """
   workdir = checkpoints.local_path(workdir)
   config_lib.validate(config)
-  workdir.mkdir(parents=True, exist_ok=True)
   t = config.train
   try:
     mesh = sharding.create_mesh(config.mesh)
@@ -246,6 +224,7 @@ def train_and_evaluate(config, workdir: str, *,
   models = create_models(config.model)
   sources = datasets.load_domains(config.data, config.model.img_size)
 
+  workdir.mkdir(parents=True, exist_ok=True)  # only once the config and the data are known to work
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
   writer = create_writer(workdir)

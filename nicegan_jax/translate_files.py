@@ -1,13 +1,15 @@
 """Translating files: a folder (or one file) to PNGs, and a whole test split like the original's test.
 
 Owns: `translate_folder` (walks the input, mirrors sub-folders, writes lossless PNGs with the same base
-names, never overwrites an input, reports unreadable files at the end, refuses a folder without
-images) and `translate_test_split` (testA -> fakeB/, testB -> fakeA/ at the training size, as the
+names, a.jpg.png and a.png.png where a.jpg and a.png sit side by side; never overwrites an input,
+reports unreadable files at the end; refuses a folder without images, an output that is a file or
+lies inside the input folder, before translating anything) and `translate_test_split` (testA -> fakeB/, testB -> fakeA/ at the training size, as the
 original's test phase and the evaluation expect).
 """
 
 from __future__ import annotations
 
+import collections
 import pathlib
 from typing import NamedTuple
 
@@ -17,6 +19,11 @@ from tqdm import tqdm
 
 from nicegan_jax import datasets, input_pipeline
 from nicegan_jax.inference import Translator, check_native, translate
+
+
+class OutputError(ValueError):
+  """An output that cannot be written as asked: a file where a folder is needed, an output folder inside
+  the input folder, two inputs that would share one output name."""
 
 
 class FolderReport(NamedTuple):
@@ -33,17 +40,51 @@ def _inputs(path: pathlib.Path) -> tuple[pathlib.Path, list[pathlib.Path]]:
   return path, datasets.require_images(path)  # not an empty run that looks like a success
 
 
+def output_names(root: pathlib.Path, files: list[pathlib.Path]) -> dict[pathlib.Path, pathlib.Path]:
+  """input file -> its output path relative to the output folder: the same relative path as a PNG;
+  where several inputs would share one (a.jpg and a.png), each keeps its extension (a.jpg.png,
+  a.png.png). Names are compared case-insensitively, as some filesystems do."""
+  plain = {f: f.relative_to(root).with_suffix(".png") for f in files}
+  shared = collections.Counter(str(rel).lower() for rel in plain.values())
+  names = {f: rel if shared[str(rel).lower()] == 1 else rel.with_name(f.name + ".png")
+           for f, rel in plain.items()}
+  clashes = collections.defaultdict(list)
+  for f, rel in names.items():
+    clashes[str(rel).lower()].append(f)
+  clashing = [group for group in clashes.values() if len(group) > 1]
+  if clashing:
+    raise OutputError("these inputs would be written to one output file: "
+                      + "; ".join(" and ".join(str(f) for f in group) for group in clashing)
+                      + ": rename one of each")
+  return names
+
+
+def check_output_folder(output_dir: pathlib.Path, input_path: pathlib.Path) -> None:
+  """Refuses an output that is a file, or a folder inside (or equal to) the input folder, where a
+  second run would translate the first run's outputs."""
+  if output_dir.exists() and not output_dir.is_dir():
+    raise OutputError(f"the output {output_dir} is a file; give a folder (it is created if missing)")
+  if input_path.is_dir():
+    inside = input_path.resolve()
+    if output_dir.resolve() == inside or inside in output_dir.resolve().parents:
+      raise OutputError(f"the output folder {output_dir} is inside the input folder {input_path}: a "
+                        "second run would translate its own outputs; choose a folder outside it")
+
+
 def translate_folder(translator: Translator, input_path: str | pathlib.Path, output_dir: str | pathlib.Path,
                      direction: str = "A2B", *, native: bool = False,
                      progress: bool = True) -> FolderReport:
-  """Translates every image under `input_path` (or that one file) into PNGs under `output_dir`."""
+  """Translates every image under `input_path` (or that one file) into PNGs under `output_dir`
+  (`output_names`). Every check that can refuse the whole job runs before the first image."""
   check_native(translator, native)  # before the loop, which would refuse every file
-  root, files = _inputs(pathlib.Path(input_path).expanduser())
-  output_dir = pathlib.Path(output_dir).expanduser()
+  input_path, output_dir = pathlib.Path(input_path).expanduser(), pathlib.Path(output_dir).expanduser()
+  root, files = _inputs(input_path)
+  check_output_folder(output_dir, input_path)
+  names = output_names(root, files)
   inputs = {f.resolve() for f in files}
   written, unreadable, skipped = [], [], []
   for f in tqdm(files, desc=f"translate {direction}", unit="img", disable=not progress):
-    out = output_dir / f.relative_to(root).with_suffix(".png")
+    out = output_dir / names[f]
     if out.resolve() in inputs:
       skipped.append(str(out))
       continue
@@ -55,8 +96,12 @@ def translate_folder(translator: Translator, input_path: str | pathlib.Path, out
     except ValueError as e:  # readable, but outside translate's contract (e.g. smaller than 4x4)
       unreadable.append(f"cannot translate {f}: {e}")
       continue
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(translated).save(out)
+    try:
+      out.parent.mkdir(parents=True, exist_ok=True)
+      Image.fromarray(translated).save(out)
+    except OSError as e:  # a full disk, no permission, a file where a folder should be
+      raise OutputError(f"cannot write {out} ({e.strerror or e}); {len(written)} image(s) were written "
+                        "before it") from None
     written.append(out)
   return FolderReport(written, unreadable, skipped)
 

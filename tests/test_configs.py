@@ -103,7 +103,22 @@ def test_main_reports_a_bad_config_in_one_line_without_a_traceback(tmp_path, ove
   assert message in result.stderr
   assert "Traceback" not in result.stderr
   assert "oneDNN" not in result.stderr  # nor TensorFlow's start-up banner
-  assert not (tmp_path / "run" / "checkpoints").exists()
+  assert not (tmp_path / "run").exists()  # nothing is left behind
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.train.batch_szie=4", 'error: --config.train.batch_szie: no such config field (Did you mean '
+                                    '"batch_size" instead of "batch_szie"?)'),
+    ("--config.trian.batch_size=4", 'error: --config.trian.batch_size: no such config field (Did you mean '
+                                    '"train" instead of "trian"?)'),
+])
+def test_an_unknown_config_field_is_named_in_one_line(tmp_path, override, message):
+  cmd = [sys.executable, "main.py", "--config=configs/test.py", f"--workdir={tmp_path / 'run'}", override]
+  result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 1 and "Traceback" not in result.stderr
+  assert result.stderr.strip().splitlines() == [message + "; configs/default.py lists every field"]
+  assert not (tmp_path / "run").exists()
 
 
 def test_url_run_folders_are_refused_not_made_into_local_folders(tmp_path, monkeypatch):

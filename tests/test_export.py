@@ -85,6 +85,18 @@ def test_export_refuses_bad_arguments(workdir, tmp_path):
   assert cpu_only.platforms == ("cpu",)
   with pytest.raises(ValueError, match="is a folder"):
     export.write_exported(cpu_only, tmp_path)
+  existing = tmp_path / "taken.jaxexport"
+  existing.write_bytes(b"someone's file")
+  with pytest.raises(FileExistsError, match="exists; give another file name, or --overwrite"):
+    export.write_exported(cpu_only, existing)
+  assert existing.read_bytes() == b"someone's file"
+  result = subprocess.run([sys.executable, "main.py", "--mode=export", f"--workdir={workdir}",
+                           f"--output={existing}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1 and "Traceback" not in result.stderr
+  assert result.stderr.strip().splitlines()[-1] == (f"error: {existing} exists; give another file name, "
+                                                    "or --overwrite to replace it")
+  export.write_exported(cpu_only, existing, overwrite=True)
+  assert existing.read_bytes() == cpu_only.serialize()
 
 
 def test_a_full_model_exports_too():

@@ -51,6 +51,40 @@ def test_image_folder_reads_nested_mixed_formats_as_rgb(tmp_path):
   assert np.array_equal(gray[..., 0], gray[..., 1])  # grayscale replicated to 3 channels
 
 
+@pytest.mark.parametrize("mode", ["1", "L", "P", "LA", "PA", "RGBA", "CMYK", "YCbCr", "I;16", "I;16B"])
+def test_every_image_mode_decodes_to_its_rgb(mode):
+  rng = np.random.default_rng(5)
+  rgb = Image.fromarray(rng.integers(0, 256, (9, 7, 3), dtype=np.uint8))
+  if mode.startswith("I;16"):
+    grey16 = rng.integers(0, 65536, (9, 7)).astype(">u2" if mode == "I;16B" else "<u2")
+    image = Image.frombytes(mode, (7, 9), grey16.tobytes())
+    expected = np.repeat(((grey16.astype(np.uint32) + 128) // 257).astype(np.uint8)[..., None], 3, -1)
+  else:
+    image = rgb.convert(mode)
+    expected = np.asarray(image.convert("RGB"))
+  out = datasets.to_rgb(image)
+  assert out.dtype == np.uint8 and out.shape == (9, 7, 3)
+  np.testing.assert_array_equal(out, expected)
+  if mode.startswith("I;16"):
+    assert (out == 255).mean() < 0.05  # convert("RGB") would clip nearly every pixel to white
+
+
+@pytest.mark.parametrize("mode,name", [("I", "32-bit integer"), ("F", "32-bit floating-point")])
+def test_modes_without_a_range_are_refused_by_name(tmp_path, mode, name):
+  Image.fromarray(np.zeros((8, 8), np.int32 if mode == "I" else np.float32)).save(tmp_path / "x.tif")
+  with pytest.raises(datasets.DataError, match=f"cannot read image .*x.tif: a {name} image \\(PIL mode {mode}\\)"):
+    datasets.read_rgb(tmp_path / "x.tif")
+
+
+def test_a_sixteen_bit_training_image_is_not_white(tmp_path):
+  root = make_folder(tmp_path / "data")
+  ramp = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)
+  Image.fromarray(ramp).save(root / "trainB" / "deep.png")
+  sources = datasets.load_domains(data_config(root, tmp_path / "cache"), img_size=64)
+  deep = [sources["trainB"][i] for i in range(len(sources["trainB"])) if sources["trainB"][i].shape == (32, 32, 3)]
+  np.testing.assert_array_equal(deep[0][..., 0], ((ramp.astype(np.uint32) + 128) // 257).astype(np.uint8))
+
+
 def test_corrupt_image_is_named_or_skipped(tmp_path):
   root = make_folder(tmp_path / "data", corrupt=True)
   with pytest.raises(datasets.DataError, match="broken.jpg"):

@@ -73,3 +73,74 @@ print("ok")
                           text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.strip().endswith("ok")
+
+
+# ------------------------------------------------------------------ requirements.txt on its own
+def distribution_closure(requirements: list[str]) -> set[str]:
+  """The normalised names of the installed distributions that `requirements` pull in, transitively
+  (environment markers evaluated, no extras): what a fresh `pip install -r requirements.txt` holds."""
+  import importlib.metadata as md
+  from packaging.requirements import Requirement
+  from packaging.utils import canonicalize_name
+  seen, todo = set(), [Requirement(line) for line in requirements if not line.startswith("-")]
+  while todo:
+    req = todo.pop()
+    name = canonicalize_name(req.name)
+    if name in seen or (req.marker is not None and not req.marker.evaluate({"extra": ""})):
+      continue
+    seen.add(name)
+    todo += [Requirement(r) for r in md.requires(req.name) or []]
+  return seen
+
+
+def top_level_modules(distribution) -> set[str]:
+  text = distribution.read_text("top_level.txt")
+  if text:
+    return {line.strip() for line in text.splitlines() if line.strip()}
+  return {pathlib.PurePath(str(f)).parts[0].removesuffix(".py") for f in distribution.files or []
+          if not str(f).startswith(("..", "/")) and ".dist-info" not in str(f)}
+
+
+CACHE_USER = """
+import importlib.abc, sys
+BLOCKED = set(sys.argv[1].split(","))
+
+class Uninstalled(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path=None, target=None):
+    if name.partition(".")[0] in BLOCKED:
+      raise ModuleNotFoundError(f"No module named {name!r} (not installed by requirements.txt)")
+
+sys.meta_path.insert(0, Uninstalled())
+sys.path.insert(0, sys.argv[3])
+import jax, jax.numpy as jnp
+import main  # the entry point's own cache set-up, with its size limit
+hits = []
+jax.monitoring.register_event_listener(lambda event, **kw: hits.append(event))
+main.enable_compilation_cache(sys.argv[2])
+jax.jit(lambda x: jnp.sin(x) @ x.T + 1.0)(jnp.ones((32, 32))).block_until_ready()
+print(hits.count("/jax/compilation_cache/cache_hits"))
+"""
+
+
+def test_the_compilation_cache_serves_a_second_process_with_requirements_txt_alone(tmp_path):
+  """Two processes that can import only what requirements.txt installs (every other installed package
+  hidden) compile the same program with main.py's cache settings: the second loads it from the cache,
+  and neither warns that the cache could not be used."""
+  import importlib.metadata as md
+  from packaging.utils import canonicalize_name
+  closure = distribution_closure(requirement_lines(ROOT / "requirements.txt"))
+  assert "filelock" in closure and "jax" in closure
+  blocked = set()
+  for distribution in md.distributions():
+    if canonicalize_name(distribution.metadata["Name"]) not in closure:
+      blocked |= top_level_modules(distribution)
+  blocked -= {"nicegan_jax", "configs", "main", "", "__pycache__"}
+  assert "torch" in blocked or "torch" not in {d.metadata["Name"] for d in md.distributions()}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  command = [sys.executable, "-c", CACHE_USER, ",".join(sorted(blocked)), str(tmp_path / "cache"), str(ROOT)]
+  runs = [subprocess.run(command, capture_output=True, text=True, timeout=300, env=env) for _ in range(2)]
+  for result in runs:
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "filelock" not in result.stderr and "persistent compilation cache" not in result.stderr
+  assert int(runs[0].stdout) == 0 and int(runs[1].stdout) >= 1  # every program of the first, from the cache

@@ -16,7 +16,7 @@ from PIL import Image
 
 from configs import test as test_config
 from conftest import ROOT, image_size_and_mode
-from nicegan_jax import checkpoints, config_lib, step as step_lib, train
+from nicegan_jax import checkpoints, step as step_lib, train
 
 
 def make_dataset(root: pathlib.Path) -> pathlib.Path:
@@ -121,7 +121,7 @@ def test_a_workdir_of_another_model_is_refused_not_overwritten(dataset, tmp_path
   before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
   config = tiny_config(dataset, tmp_path)
   config.model.ch = 16
-  with pytest.raises(config_lib.ConfigError, match="model.ch: saved 8, configured 16"):
+  with pytest.raises(checkpoints.ModelMismatchError, match="model.ch: saved 8, configured 16"):
     train.train_and_evaluate(config, str(workdir))
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
 

@@ -187,10 +187,53 @@ def test_folder_command_mirrors_names_reports_bad_files_and_spares_inputs(workdi
   assert image_size_and_mode(out / "sub" / "gray.png") == ((20, 64), "RGB")
   # Writing next to the inputs never replaces one.
   before = (src / "sub" / "gray.png").read_bytes()
-  result = run_main("--mode=translate", f"--workdir={workdir[0]}", f"--input={src / 'sub'}",
+  result = run_main("--mode=translate", f"--workdir={workdir[0]}", f"--input={src / 'sub' / 'gray.png'}",
                     f"--output={src / 'sub'}")
   assert "would overwrite an input" in result.stdout
   assert (src / "sub" / "gray.png").read_bytes() == before
+
+
+def test_inputs_that_share_a_name_keep_their_extensions_and_none_is_lost(workdir, tmp_path):
+  src = tmp_path / "in"
+  src.mkdir()
+  rng = np.random.default_rng(2)
+  for name in ("a.jpg", "a.png", "b.png", "A.bmp"):
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(src / name)
+  names = translate_files.output_names(src, sorted(src.iterdir()))
+  assert {f.name: str(rel) for f, rel in names.items()} == {
+      "a.jpg": "a.jpg.png", "a.png": "a.png.png", "A.bmp": "A.bmp.png", "b.png": "b.png"}
+  report = translate_files.translate_folder(translate_lib.load_translator(workdir[0]), src, tmp_path / "out",
+                                            progress=False)
+  assert len(report.written) == 4 and len({p.name.lower() for p in report.written}) == 4
+  assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["A.bmp.png", "a.jpg.png", "a.png.png",
+                                                                  "b.png"]
+  (src / "a.jpg.png").write_bytes((src / "b.png").read_bytes())  # now a.jpg's new name is taken too
+  with pytest.raises(translate_files.OutputError, match="would be written to one output file"):
+    translate_files.output_names(src, sorted(src.iterdir()))
+
+
+def test_an_output_inside_the_input_or_that_is_a_file_is_refused_before_any_work(workdir, tmp_path):
+  src = tmp_path / "in"
+  src.mkdir()
+  Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(src / "a.png")
+  (tmp_path / "a_file").write_text("x")
+  for output, message in ((src / "out", "is inside the input folder"), (src, "is inside the input folder"),
+                          (tmp_path / "a_file", "is a file; give a folder")):
+    result = run_main("--mode=translate", f"--workdir={workdir[0]}", f"--input={src}", f"--output={output}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and message in result.stderr
+  assert sorted(p.name for p in src.iterdir()) == ["a.png"] and (tmp_path / "a_file").read_text() == "x"
+
+
+def test_a_sixteen_bit_image_translates_like_its_eight_bit_twin(translator, tmp_path):
+  ramp16 = (np.arange(48 * 40).reshape(48, 40) * 34).astype(np.uint16)
+  Image.fromarray(ramp16).save(tmp_path / "deep.png")
+  eight = ((ramp16.astype(np.uint32) + 128) // 257).astype(np.uint8)
+  Image.fromarray(eight).save(tmp_path / "flat.png")
+  assert image_size_and_mode(tmp_path / "deep.png")[1] == "I;16"
+  deep, flat = (translate_files.datasets.read_rgb(tmp_path / name) for name in ("deep.png", "flat.png"))
+  np.testing.assert_array_equal(deep, flat)
+  np.testing.assert_array_equal(translate_lib.translate(translator, deep), translate_lib.translate(translator, flat))
 
 
 def test_folder_command_refuses_a_folder_without_images(workdir, tmp_path):
