@@ -1,6 +1,6 @@
 """The Animal-MNIST horse -> zebra benchmark: trains the real program, then scores the translation.
 
-Owns the benchmark of `spec/benchmarks.md`: train (or resume) `configs/animal_horse2zebra.py` in a
+Owns the benchmark (results: docs/results.md): train (or resume) `configs/animal_horse2zebra.py` in a
 workdir, translate the 200 held-out test horses, bring the translations back to 28x28 (bilinear without
 antialiasing, which undoes the loader's 28 -> 64 upsampling almost exactly) and report
 

@@ -1,4 +1,4 @@
-"""The Animal-MNIST horse -> zebra benchmark (`spec/benchmarks.md`): the NICE-GAN recipe at 64x64.
+"""The Animal-MNIST horse -> zebra benchmark (docs/results.md): the NICE-GAN recipe at 64x64.
 
 Data: PyPI `animal-mnist==0.4` (horse = class 7, zebra = class 9; 800 train / 200 test each), 28x28
 grey images upsampled bilinearly to 64x64 RGB by the project's own loader.

@@ -1,12 +1,17 @@
-"""Config checks: one clear error for a bad value, before anything is loaded or compiled.
+"""The config schema: one clear error for a bad value, before anything is loaded or compiled.
 
-Owns: `validate(config)` and its model part `validate_model(config.model)`, raising `ConfigError` (a
-ValueError) that names the field, its value and what would work.
+Owns: `with_defaults(config)`, which completes a config (or a checkpoint's saved config) with
+`configs/default.py`'s values for every field it lacks, the one place defaults fill in, so that a
+config saved before a field existed still loads; and `validate(config)` with its model part
+`validate_model(config.model)`, raising `ConfigError` (a ValueError) that names the field, its value
+and what would work. The rest of the library reads every field directly.
 """
 
 from __future__ import annotations
 
 import pathlib
+
+import ml_collections
 
 from nicegan_jax import convolutions, datasets, train_state
 from nicegan_jax.models import discriminator_feature_sizes
@@ -19,6 +24,26 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 class ConfigError(ValueError):
   """A config value that cannot work."""
+
+
+def with_defaults(config) -> ml_collections.ConfigDict:
+  """`config` (a ConfigDict, or a dict such as a checkpoint's saved config) merged onto
+  configs/default.py's config: its values win, fields it lacks take their defaults."""
+  from configs import default  # the schema: every field, with the original's value
+  merged = default.get_config()
+  _merge(merged, config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config, "config")
+  return merged
+
+
+def _merge(base: ml_collections.ConfigDict, values: dict, where: str) -> None:
+  for key, value in values.items():
+    if isinstance(value, dict) and isinstance(base.get(key), ml_collections.ConfigDict):
+      _merge(base[key], value, f"{where}.{key}")
+      continue
+    try:
+      base[key] = value
+    except TypeError as e:  # ConfigDict keeps each field's type
+      raise ConfigError(f"{where}.{key}={value!r}: {e}") from None
 
 
 def _require(ok: bool, field: str, value, why: str) -> None:
@@ -60,8 +85,8 @@ def validate_model(m) -> None:
   _require(m.n_res >= 0, "model.n_res", m.n_res, "must be >= 0")
   _require(m.dtype in DTYPES, "model.dtype", m.dtype, f"use one of {', '.join(DTYPES)}")
   weight_grads = ("auto", *convolutions.WEIGHT_GRADS)
-  _require(m.get("conv_weight_grad", "auto") in weight_grads, "model.conv_weight_grad",
-           m.get("conv_weight_grad"), f"use one of {', '.join(weight_grads)}")
+  _require(m.conv_weight_grad in weight_grads, "model.conv_weight_grad", m.conv_weight_grad,
+           f"use one of {', '.join(weight_grads)}")
 
 
 def validate(config) -> None:
@@ -84,17 +109,17 @@ def validate(config) -> None:
   for name in ("checkpoint_every_steps", "sample_every_steps", "eval_every_steps"):
     _require(t[name] >= 0, f"train.{name}", t[name], "must be >= 0 (0 = only at the end / off)")
   _require(t.sample_columns >= 1, "train.sample_columns", t.sample_columns, "must be >= 1")
-  k = t.get("steps_per_dispatch", 1)
+  k = t.steps_per_dispatch
   _require(k >= 1, "train.steps_per_dispatch", k, "must be >= 1")
   for name in ("num_steps", "log_every_steps", "checkpoint_every_steps", "sample_every_steps",
                "eval_every_steps"):
     _require(t[name] % k == 0, f"train.{name}", t[name],
              f"must be a multiple of train.steps_per_dispatch={k} (steps run {k} at a time)")
-  _require(t.get("prefetch", 0) >= 0, "train.prefetch", t.get("prefetch", 0), "must be >= 0 (0 = off)")
-  profile_steps = t.get("profile_steps", 0)
+  _require(t.prefetch >= 0, "train.prefetch", t.prefetch, "must be >= 0 (0 = off)")
+  profile_steps = t.profile_steps
   _require(profile_steps >= 0 and profile_steps % k == 0, "train.profile_steps", profile_steps,
            f"must be >= 0 (0 = off) and a multiple of train.steps_per_dispatch={k}")
   _require(config.mesh.data == -1 or config.mesh.data >= 1, "mesh.data", config.mesh.data,
            "use -1 (all devices) or a positive number of replicas")
-  _require(config.mesh.get("model", 1) >= 1, "mesh.model", config.mesh.get("model", 1), "must be >= 1")
+  _require(config.mesh.model >= 1, "mesh.model", config.mesh.model, "must be >= 1")
   validate_data(config.data)

@@ -282,10 +282,7 @@ def build_train_state(ckpt: dict, config, models: models_lib.Models, *,
 
 def import_config(ckpt: dict, base_config: ml_collections.ConfigDict | None = None):
   """The base config (default: configs/default.py's values) with the model read from the weights."""
-  config = ml_collections.ConfigDict(base_config.to_dict()) if base_config is not None else None
-  if config is None:
-    from configs import default  # the repository's defaults: the original's hyper-parameters
-    config = default.get_config()
+  config = config_lib.with_defaults(base_config if base_config is not None else {})
   model = infer_model(ckpt, img_size=config.model.img_size)
   for key, value in model.items():
     config.model[key] = value

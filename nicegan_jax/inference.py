@@ -24,11 +24,22 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from nicegan_jax import checkpoints, input_pipeline
+from nicegan_jax import checkpoints, config_lib, input_pipeline
 from nicegan_jax import models as models_lib
 from nicegan_jax import train_state as train_state_lib
 
 DIRECTIONS = ("A2B", "B2A")
+
+
+def domains(direction: str) -> tuple[str, str]:
+  """(source, target) domain of a direction: ("A", "B") for "A2B"."""
+  return direction[0], direction[-1]
+
+
+def network_names(direction: str) -> tuple[str, str]:
+  """(encoder, generator) of a direction: A2B encodes with disA and decodes with gen2B."""
+  source, target = domains(direction)
+  return f"dis{source}", f"gen2{target}"
 
 
 class Translator(NamedTuple):
@@ -44,25 +55,28 @@ def load_translator(path: str | pathlib.Path) -> Translator:
   """Reads the config and only the inference weights (no optimiser state) from a workdir's newest
   readable checkpoint, or from one checkpoint folder (`checkpoints.restore_for_inference`)."""
   def wanted(config_dict):
-    models = models_lib.create_models(ml_collections.ConfigDict(config_dict).model)
-    gen_params, disc_params, spectral = jax.eval_shape(lambda: train_state_lib.init_network_variables(
-        models, config_dict["model"]["img_size"], jax.random.PRNGKey(0)))
-    return {"gen_params": gen_params, "disc_params": disc_params, "spectral": spectral}
+    config = config_lib.with_defaults(config_dict)
+    config_lib.validate_model(config.model)
+    shapes = jax.eval_shape(lambda: train_state_lib.init_network_variables(
+        models_lib.create_models(config.model), config.model.img_size, jax.random.PRNGKey(0)))
+    return dict(zip(("gen_params", "disc_params", "spectral"), shapes))
 
   config_dict, state, step = checkpoints.restore_for_inference(path, wanted)
-  config = ml_collections.ConfigDict(config_dict)
+  config = config_lib.with_defaults(config_dict)
   models = models_lib.create_models(config.model)
-  encoders = {"A2B": {"params": state["disc_params"]["disA"], "spectral": state["spectral"]["disA"]},
-              "B2A": {"params": state["disc_params"]["disB"], "spectral": state["spectral"]["disB"]}}
-  generators = {"A2B": state["gen_params"]["gen2B"], "B2A": state["gen_params"]["gen2A"]}
+  encoders, generators = {}, {}
+  for direction in DIRECTIONS:
+    disc, gen = network_names(direction)
+    encoders[direction] = {"params": state["disc_params"][disc], "spectral": state["spectral"][disc]}
+    generators[direction] = state["gen_params"][gen]
   return Translator(config, models, encoders, generators, step)
 
 
 def translator_from_state(config, models: models_lib.Models, state) -> Translator:
   """The Translator of a live TrainState (e.g. at the end of training)."""
-  return Translator(config, models,
-                    {"A2B": state.disc_variables("disA"), "B2A": state.disc_variables("disB")},
-                    {"A2B": state.gen_params["gen2B"], "B2A": state.gen_params["gen2A"]}, int(state.step))
+  names = {d: network_names(d) for d in DIRECTIONS}
+  return Translator(config, models, {d: state.disc_variables(disc) for d, (disc, _) in names.items()},
+                    {d: state.gen_params[gen] for d, (_, gen) in names.items()}, int(state.step))
 
 
 def check_images(images) -> tuple[np.ndarray, bool]:
@@ -143,8 +157,7 @@ def resize_images(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 @functools.partial(jax.jit, static_argnames=("models", "direction"))
 def translate_at_work_size(encoder, generator, images, *, models, direction):
   """[-1, 1] float32 NHWC, at the size the networks work at -> translated, in [-1, 1]."""
-  disc = models.disA if direction == "A2B" else models.disB
-  gen = models.gen2B if direction == "A2B" else models.gen2A
+  disc, gen = (getattr(models, name) for name in network_names(direction))
   return jnp.clip(models_lib.decode(gen, generator, models_lib.encode(disc, encoder, images)), -1.0, 1.0)
 
 

@@ -189,11 +189,11 @@ def conv_weight_grad_for(setting: str, backend: str | None = None) -> str:
 def create_models(model_config) -> Models:
   """Maps `config.model` (ch, n_res, n_dis, img_size, light, dtype, remat, conv_weight_grad) to the
   four modules."""
-  dtype = jnp.dtype(model_config.get("dtype", "float32"))
-  weight_grad = conv_weight_grad_for(model_config.get("conv_weight_grad", "auto"))
+  dtype = jnp.dtype(model_config.dtype)
+  weight_grad = conv_weight_grad_for(model_config.conv_weight_grad)
   disc = Discriminator(ch=model_config.ch, n_layers=model_config.n_dis, dtype=dtype, weight_grad=weight_grad)
   gen = Generator(ch=model_config.ch, n_res=model_config.n_res, img_size=model_config.img_size,
-                  light=model_config.light, dtype=dtype, remat=bool(model_config.get("remat", False)),
+                  light=model_config.light, dtype=dtype, remat=bool(model_config.remat),
                   weight_grad=weight_grad)
   return Models(disA=disc, disB=disc, gen2A=gen, gen2B=gen)
 

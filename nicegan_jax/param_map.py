@@ -1,7 +1,7 @@
 """The map from the original PyTorch state_dict keys to our parameter paths.
 
 Owns: `discriminator_key_map` and `generator_key_map`, which list, for one network, every tensor of the
-original's state_dict (reference.md §3.5, §4.4) with our (collection, path) and the layout change:
+original's state_dict (`Discriminator` and `ResnetGenerator` modules) with our (collection, path) and the layout change:
 
 | kind       | PyTorch                         | ours                                  |
 |------------|---------------------------------|---------------------------------------|

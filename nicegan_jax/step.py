@@ -171,6 +171,6 @@ def make_train_step(config, models: Models) -> Callable[[TrainState, dict], tupl
       adv_weight=float(config.loss.adv_weight), cycle_weight=float(config.loss.cycle_weight),
       recon_weight=float(config.loss.recon_weight),
       disc_lr_scale=train_state_lib.disc_lr_scale(config.optimizer))
-  if config.train.get("steps_per_dispatch", 1) > 1:
+  if config.train.steps_per_dispatch > 1:
     return functools.partial(scan_steps, one_step)
   return one_step

@@ -214,6 +214,7 @@ def train_and_evaluate(config, workdir: str, *,
   logged scalars (every loss term, `steps_per_sec`, `eta_s`): live progress for notebooks and tools.
   """
   workdir = checkpoints.local_path(workdir)
+  config = config_lib.with_defaults(config)
   config_lib.validate(config)
   t = config.train
   try:
@@ -235,7 +236,7 @@ def train_and_evaluate(config, workdir: str, *,
     writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
     log_parameter_overview(state)
 
-  per_dispatch = t.get("steps_per_dispatch", 1)
+  per_dispatch = t.steps_per_dispatch
   if start % per_dispatch:
     raise config_lib.ConfigError(f"config.train.steps_per_dispatch={per_dispatch}: the run resumes at step "
                                  f"{start}, which is not a multiple of it")
@@ -253,7 +254,7 @@ def train_and_evaluate(config, workdir: str, *,
   if stacked:
     batches = input_pipeline.stacked(batches, per_dispatch)
   batches = input_pipeline.device_batches(
-      batches, lambda b: sharding.global_batch(b, mesh, stacked), t.get("prefetch", 0))
+      batches, lambda b: sharding.global_batch(b, mesh, stacked), t.prefetch)
 
   evaluator = best = None
   if t.eval_every_steps > 0:
@@ -262,7 +263,7 @@ def train_and_evaluate(config, workdir: str, *,
     best = checkpoints.Checkpointer(workdir / "checkpoints_best", max_to_keep=1, async_save=False)
 
   acc, summary = None, {}
-  profile = profile_window(start, t.num_steps, per_dispatch, t.get("profile_steps", 0))
+  profile = profile_window(start, t.num_steps, per_dispatch, t.profile_steps)
   profiling = False
   stop = preemption.StopRequests().install()
   logging.info("Training steps %d..%d, global batch %d on %d device(s) (mesh %s) in %d process(es)",

@@ -64,8 +64,8 @@ def learning_rate_fn(opt_config, num_steps: int, lr_scale: float = 1.0):
 
 
 def disc_lr_scale(opt_config) -> float:
-  """D's learning rate over G's: 1 in the original (configs written before the option lack it)."""
-  return float(opt_config.get("disc_lr_scale", 1.0))
+  """D's learning rate over G's (1 in the original)."""
+  return float(opt_config.disc_lr_scale)
 
 
 def create_optimizer(opt_config, num_steps: int, lr_scale: float = 1.0) -> optax.GradientTransformation:

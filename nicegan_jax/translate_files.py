@@ -18,7 +18,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from nicegan_jax import datasets, input_pipeline
-from nicegan_jax.inference import Translator, check_native, translate
+from nicegan_jax.inference import DIRECTIONS, Translator, check_native, domains, translate
 
 
 class OutputError(ValueError):
@@ -142,7 +142,8 @@ def translate_test_split(translator: Translator, sources: dict, output_dir: str 
   the first max_images of each split)."""
   output_dir = pathlib.Path(output_dir)
   written = {}
-  for src, dst, direction in (("A", "B", "A2B"), ("B", "A", "B2A")):
+  for direction in DIRECTIONS:
+    src, dst = domains(direction)
     source = sources[f"test{src}"]
     fakes = translate_split(translator, source, direction, progress=progress, max_images=max_images)
     written[f"fake{dst}"] = []

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nicegan_jax import input_pipeline
 from nicegan_jax import models as models_lib
 from nicegan_jax.models import Models
 
@@ -46,8 +47,9 @@ def sample_rows(models: Models, gen_params, disc_variables, real_A, real_B) -> d
 
 
 def to_uint8(images) -> np.ndarray:
-  """[-1, 1] floats -> uint8 [0, 255]."""
-  return np.clip((np.asarray(images, np.float32) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+  """[-1, 1] floats (clipped there) -> uint8 [0, 255], rounded as every output of the library is
+  (`input_pipeline.from_unit_range`)."""
+  return input_pipeline.from_unit_range(np.clip(np.array(images, np.float32), -1.0, 1.0))
 
 
 def direction_grid(rows: list) -> np.ndarray:

@@ -135,3 +135,14 @@ def test_url_run_folders_are_refused_not_made_into_local_folders(tmp_path, monke
     load_translator("gs://bucket/run")
   assert checkpoints.local_path("~/runs/x") == pathlib.Path.home() / "runs" / "x"
   assert list(tmp_path.iterdir()) == [] and not (ROOT / "gs:").exists() and not (ROOT / "s3:").exists()
+
+
+def test_a_saved_config_from_before_a_field_existed_loads_with_its_default():
+  saved = importlib.import_module("configs.test").get_config().to_dict()
+  del saved["train"]["steps_per_dispatch"], saved["model"]["conv_weight_grad"], saved["mesh"]["model"]
+  saved["model"]["ch"] = 12
+  config = config_lib.with_defaults(saved)
+  assert config.train.steps_per_dispatch == 1 and config.model.conv_weight_grad == "auto"
+  assert config.mesh.model == 1 and config.model.ch == 12  # the saved values win
+  with pytest.raises(config_lib.ConfigError, match="config.model.ch='twelve'"):
+    config_lib.with_defaults({"model": {"ch": "twelve"}})

@@ -131,7 +131,7 @@ def test_the_official_sample_lands_on_the_papers_curve(cat2dog_features):
   assert dog2cat["kid_x100"] == pytest.approx(1.498, abs=0.005)
   assert untrained["fid"] == pytest.approx(224.51, abs=0.1)
   assert untrained["kid_x100"] == pytest.approx(21.69, abs=0.02)
-  # The paper's curves (reference.md section 11), loosely: NICE-GAN at 100K ~45/1.2 (cat->dog) and
+  # The paper's FID/KID curves, loosely: NICE-GAN at 100K ~45/1.2 (cat->dog) and
   # ~49/1.5 (dog->cat); iteration 0 ~220/21.
   assert 40 < cat2dog["fid"] < 50 and 0.9 < cat2dog["kid_x100"] < 1.5
   assert 44 < dog2cat["fid"] < 54 and 1.2 < dog2cat["kid_x100"] < 1.8

@@ -1,6 +1,6 @@
 """Parity with a PyTorch reference of the original, through the checkpoint importer.
 
-The reference (`tests/torch_reference.py`) is written from spec/reference.md. Each test saves it in the
+The reference (`tests/torch_reference.py`) is written from the original's code. Each test saves it in the
 original's checkpoint format (with thop's profiler entries), imports that with `nicegan_jax.convert`
 (which never imports torch) and compares: forward passes of all four networks (eval mode), one training
 iteration (every parameter, the spectral-norm vectors and both Adam states), and a continued run from an

@@ -6,7 +6,7 @@ import optax
 import pytest
 
 from configs import default
-from nicegan_jax import train_state
+from nicegan_jax import config_lib, train_state
 
 
 def lr_at(step, **overrides):
@@ -97,5 +97,6 @@ def test_disc_lr_scale_sets_only_the_discriminator_learning_rate():
       sizes[name, scale] = -float(updates)
   np.testing.assert_allclose([sizes["G", 1.0], sizes["D", 1.0], sizes["G", 4.0], sizes["D", 4.0]],
                              [1e-4, 1e-4, 1e-4, 4e-4], rtol=1e-5)
-  del config.optimizer["disc_lr_scale"]  # a config written before the option: the original's equal rates
-  assert train_state.disc_lr_scale(config.optimizer) == 1.0
+  saved = config.to_dict()
+  del saved["optimizer"]["disc_lr_scale"]  # a config written before the option: the original's equal rates
+  assert train_state.disc_lr_scale(config_lib.with_defaults(saved).optimizer) == 1.0

@@ -1,9 +1,9 @@
-"""A PyTorch reference of the original NICE-GAN, written from `spec/reference.md`, for parity tests.
+"""A PyTorch reference of the original NICE-GAN, written from the original's code, for parity tests.
 
 Owns: the four networks with the original's module and parameter names (`Discriminator`,
-`ResnetGenerator`, `ILN`, `adaILN`, `ResnetAdaILNBlock`; spec §3, §4), the two Adam optimisers with
-coupled weight decay over chain(gen2B, gen2A) and chain(disA, disB) (§7), one training iteration exactly
-as §6 (`train_iteration`), and a checkpoint in the original's format (`original_checkpoint`, §8).
+`ResnetGenerator`, `ILN`, `adaILN`, `ResnetAdaILNBlock`), the two Adam optimisers with coupled weight
+decay over chain(gen2B, gen2A) and chain(disA, disB), one training iteration exactly as the original's
+`train()` runs it (`train_iteration`), and a checkpoint in the original's format (`checkpoint`).
 
 torch is a test dependency only; tests that import this module skip when it is not installed.
 """
@@ -20,7 +20,7 @@ SN = nn.utils.spectral_norm
 
 
 class Discriminator(nn.Module):
-  """§3: encoder (model + CAM) and three heads; n_layers = n_dis."""
+  """The discriminator: encoder (model + CAM) and three heads; n_layers = n_dis."""
 
   def __init__(self, input_nc=3, ndf=64, n_layers=7):
     super().__init__()
@@ -69,7 +69,7 @@ class Discriminator(nn.Module):
     x = torch.cat([x, x], 1)
     cam_logit = torch.cat([gap, gmp], 1)
     cam_logit = self.fc(cam_logit.view(cam_logit.shape[0], -1))
-    weight = list(self.fc.parameters())[0]  # the raw weight_orig: the CAM weight quirk (§3.2)
+    weight = list(self.fc.parameters())[0]  # the raw weight_orig: the CAM weight quirk
     x = x * weight.unsqueeze(2).unsqueeze(3)
     x = self.conv1x1(x)
     x = self.lamda * x + x_0
@@ -114,7 +114,7 @@ class adaILN(nn.Module):  # noqa: N801 - the original's name
 
 
 def _mix(x, rho_logits, eps):
-  """softmax(rho)-weighted instance and layer normalisation, unbiased variances (§4.2)."""
+  """softmax(rho)-weighted instance and layer normalisation, unbiased variances."""
   in_mean, in_var = torch.mean(x, dim=[2, 3], keepdim=True), torch.var(x, dim=[2, 3], keepdim=True)
   out_in = (x - in_mean) / torch.sqrt(in_var + eps)
   ln_mean, ln_var = torch.mean(x, dim=[1, 2, 3], keepdim=True), torch.var(x, dim=[1, 2, 3], keepdim=True)
@@ -141,7 +141,7 @@ class ResnetAdaILNBlock(nn.Module):
 
 
 class ResnetGenerator(nn.Module):
-  """§4: the decoder from the 2*ngf-channel code to the image; light or full gamma/beta MLP."""
+  """The generator: the decoder from the 2*ngf-channel code to the image; light or full gamma/beta MLP."""
 
   def __init__(self, input_nc=3, output_nc=3, ngf=64, n_blocks=6, img_size=256, light=False):
     super().__init__()
@@ -183,7 +183,7 @@ class ResnetGenerator(nn.Module):
 
 
 class NICE:
-  """The four networks, both optimisers and the training rule of the original (§6, §7)."""
+  """The four networks, both optimisers and the training rule of the original."""
 
   def __init__(self, *, ch=64, n_res=6, n_dis=7, img_size=256, light=True, lr=1e-4, weight_decay=1e-4,
                iteration=300_000, decay_flag=True, adv_weight=1.0, cycle_weight=10.0, recon_weight=10.0):
@@ -206,14 +206,14 @@ class NICE:
       net.train(train)
 
   def learning_rate(self, step: int) -> float:
-    """§7's schedule computed from the 1-based step (the original subtracts lr0 / (T // 2) per step)."""
+    """The learning-rate schedule computed from the 1-based step (the original subtracts lr0 / (T // 2) per step)."""
     half = self.iteration // 2
     if not self.decay_flag or step <= half:
       return self.lr
     return self.lr * (self.iteration - step) / (self.iteration - half)
 
   def train_iteration(self, step: int, real_A, real_B) -> dict[str, float]:
-    """One iteration of §6 (D step with detached fakes, then G step with the updated D)."""
+    """One iteration of the original (D step with detached fakes, then G step with the updated D)."""
     self.set_mode(True)
     mse, l1 = nn.MSELoss(), nn.L1Loss()
     for optim in (self.G_optim, self.D_optim):
@@ -255,7 +255,7 @@ class NICE:
     return {"D/loss": d_loss.item(), "G/loss": g_loss.item()}
 
   def checkpoint(self, step: int, *, profiler_entries: bool = False) -> dict:
-    """The dict the original saves (§8); optionally with thop's total_ops/total_params buffers."""
+    """The dict the original saves; optionally with thop's total_ops/total_params buffers."""
     params = {name: net.state_dict() for name, net in self.networks().items()}
     if profiler_entries:
       for name, net in self.networks().items():
