@@ -141,7 +141,7 @@ def run_import_torch() -> None:
   if not FLAGS.torch_checkpoint:
     raise app.UsageError("--mode=import_torch needs --torch_checkpoint")
   step, config = convert.import_checkpoint(FLAGS.torch_checkpoint, FLAGS.workdir, FLAGS.config,
-                                           with_optimizer=FLAGS.torch_optimizer)
+                                           with_optimizer=FLAGS.torch_optimizer, progress=True)
   print(f"Imported {FLAGS.torch_checkpoint} ({convert.describe(config.model)}) at step {step} into "
         f"{pathlib.Path(FLAGS.workdir) / 'checkpoints' / str(step)}")
 

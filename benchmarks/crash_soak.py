@@ -34,7 +34,7 @@ from PIL import Image
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LOOP_STARTED = "Training steps"  # train.py logs it right before the loop (and the first compile)
-STEP_DONE = re.compile(r"\] step (\d+)/\d+ ")  # train.py's progress line, every log step
+STEP_DONE = re.compile(r"% \((\d+)/\d+\), ETA")  # the progress line (clu's ReportProgress), every log step
 
 
 def make_dataset(root: pathlib.Path) -> pathlib.Path:

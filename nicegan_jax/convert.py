@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from tqdm import tqdm
 
 from nicegan_jax import checkpoints, config_lib, torch_pickle
 from nicegan_jax import models as models_lib
@@ -317,8 +318,8 @@ def load_torch_checkpoint(torch_file: str | pathlib.Path, base_config: ml_collec
 
 
 def import_checkpoint(torch_file: str | pathlib.Path, workdir: str | pathlib.Path,
-                      base_config: ml_collections.ConfigDict | None = None, *,
-                      with_optimizer: bool = True) -> tuple[int, ml_collections.ConfigDict]:
+                      base_config: ml_collections.ConfigDict | None = None, *, with_optimizer: bool = True,
+                      progress: bool = False) -> tuple[int, ml_collections.ConfigDict]:
   """Converts `torch_file` into <workdir>/checkpoints/<step>/; returns (step, config).
 
   The workdir must not hold checkpoints yet (nothing is overwritten), and nothing is written unless
@@ -329,13 +330,18 @@ def import_checkpoint(torch_file: str | pathlib.Path, workdir: str | pathlib.Pat
   ckpt_dir = workdir / "checkpoints"
   if checkpoints.list_steps(ckpt_dir):
     raise ConversionError(f"{ckpt_dir} already holds checkpoints; import into a new --workdir")
-  state, config = load_torch_checkpoint(torch_file, base_config, with_optimizer=with_optimizer)
-  workdir.mkdir(parents=True, exist_ok=True)
-  writer = checkpoints.Checkpointer(ckpt_dir, async_save=False)
-  try:
-    writer.save(int(state.step), state, config.to_dict(), metadata={"imported_from": str(torch_file)})
-  finally:
-    writer.close()
+  with tqdm(total=2, desc="import_torch", unit="stage", disable=not progress) as bar:
+    bar.set_postfix_str("reading and converting")
+    state, config = load_torch_checkpoint(torch_file, base_config, with_optimizer=with_optimizer)
+    bar.update()
+    bar.set_postfix_str("writing the checkpoint")
+    workdir.mkdir(parents=True, exist_ok=True)
+    writer = checkpoints.Checkpointer(ckpt_dir, async_save=False)
+    try:
+      writer.save(int(state.step), state, config.to_dict(), metadata={"imported_from": str(torch_file)})
+    finally:
+      writer.close()
+    bar.update()
   return int(state.step), config
 
 

@@ -22,6 +22,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from nicegan_jax import inception, input_pipeline, metrics
 from nicegan_jax.datasets import read_rgb
@@ -50,18 +51,23 @@ def _features_of_uint8(weights, images):
   return inception.inception_features(weights, 2.0 * x - 1.0)
 
 
-def image_features(images: list[np.ndarray], weights, batch_size: int = 50) -> np.ndarray:
-  """Features of uint8 RGB images of any sizes; same-size images are batched together."""
+def image_features(images: list[np.ndarray], weights, batch_size: int = 50,
+                   progress: str | None = None) -> np.ndarray:
+  """Features of uint8 RGB images of any sizes; same-size images are batched together. `progress`: the
+  label of a progress bar (None: none)."""
   out = [None] * len(images)
   by_size: dict[tuple, list[int]] = {}
   for i, img in enumerate(images):
     by_size.setdefault(img.shape, []).append(i)
+  bar = tqdm(total=len(images), desc=progress, unit="img", disable=progress is None)
   for indices in by_size.values():  # one compiled shape per size
     for chunk, n in input_pipeline.padded_chunks(np.asarray(indices), batch_size):
       batch = np.stack([images[i] for i in chunk])
       feats = np.asarray(_features_of_uint8(weights, jnp.asarray(batch)), np.float64)
       for i, f in zip(chunk[:n], feats[:n]):
         out[i] = f
+      bar.update(n)
+  bar.close()
   return np.stack(out)
 
 
@@ -121,8 +127,10 @@ def evaluate_run(workdir: str | pathlib.Path, *, weights_file: str | None = None
     target = inference.domains(direction)[1]
     source = sources[f"test{target}"]
     count = translate_files.split_size(source, max_images)
-    real = image_features([np.asarray(source[i]) for i in range(count)], weights)
-    fake = image_features([read_rgb(p) for p in written[f"fake{target}"]], weights)
+    real = image_features([np.asarray(source[i]) for i in range(count)], weights,
+                          progress=f"Inception features of test{target}")
+    fake = image_features([read_rgb(p) for p in written[f"fake{target}"]], weights,
+                          progress=f"Inception features of fake{target}")
     result[direction] = scores(real, fake, seed=seed)
   (workdir / f"eval_{step:07d}.json").write_text(json.dumps(result, indent=2))
   return result

@@ -26,7 +26,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-from clu import metric_writers, parameter_overview
+from clu import metric_writers, parameter_overview, periodic_actions
 from PIL import Image
 
 from nicegan_jax import checkpoints, config_lib, datasets, input_pipeline, sharding, step as step_lib
@@ -194,9 +194,49 @@ def profile_window(start: int, num_steps: int, per_dispatch: int,
 
 
 def create_writer(workdir) -> metric_writers.MetricWriter:
-  """TensorBoard events and console lines on process 0, console lines only on the others."""
+  """TensorBoard events, written by process 0 only. The console gets one progress line per log step
+  (`progress_actions`), not every scalar."""
+  if jax.process_index() > 0:
+    return metric_writers.MultiWriter([])
   tf_host.keep_tensorflow_on_host()  # clu writes the events with TensorFlow
-  return metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
+  return metric_writers.AsyncWriter(metric_writers.SummaryWriter(str(workdir)))
+
+
+def progress_actions(config, start: int, writer, workdir: pathlib.Path):
+  """clu's periodic actions of a run from `start`: (ReportProgress, a profile hook or None).
+
+  ReportProgress logs the console's progress line (steps/s, step, ETA, the share of time spent on grids,
+  checkpoints and evaluation) and writes steps/s to TensorBoard at every log step. The profile hook,
+  `hook(step, state)` after every dispatch, runs clu's Profile over the `train.profile_steps` steps of
+  `profile_window`, waiting for the last traced step's work before the trace ends.
+  """
+  t = config.train
+  log_steps = [s for s in range(start + 1, t.num_steps + 1) if is_due(s, t.log_every_steps, t.num_steps)]
+  report = periodic_actions.ReportProgress(num_train_steps=t.num_steps, writer=writer, every_secs=None,
+                                           on_steps=log_steps)
+  window = profile_window(start, t.num_steps, t.steps_per_dispatch, t.profile_steps)
+  if window is None:
+    return report, None
+  logging.info("Profiling steps %d..%d into %s (TensorBoard's Profile tab)", *window,
+               workdir / "plugins" / "profile")
+  profile = periodic_actions.Profile(logdir=str(workdir), num_profile_steps=window[1] - window[0] + 1,
+                                     profile_duration_ms=None, first_profile=window[0] - 1,
+                                     every_steps=None, every_secs=None)
+
+  def profile_hook(step: int, state) -> None:
+    if step == window[1]:
+      jax.block_until_ready(state)
+    profile(step)
+
+  return report, profile_hook
+
+
+def stop_profile_if_running() -> None:
+  """Ends a jax.profiler trace that a run left open (it stopped inside the profiled steps)."""
+  try:
+    jax.profiler.stop_trace()
+  except RuntimeError:  # no trace running: the Profile action ended it
+    pass
 
 
 def log_parameter_overview(state) -> None:
@@ -263,8 +303,7 @@ def train_and_evaluate(config, workdir: str, *,
     best = checkpoints.Checkpointer(workdir / "checkpoints_best", max_to_keep=1, async_save=False)
 
   acc, summary = None, {}
-  profile = profile_window(start, t.num_steps, per_dispatch, t.profile_steps)
-  profiling = False
+  report_progress, profiler = progress_actions(config, start, writer, workdir)
   stop = preemption.StopRequests().install()
   logging.info("Training steps %d..%d, global batch %d on %d device(s) (mesh %s) in %d process(es)",
                start + 1, t.num_steps, t.batch_size, mesh.size, dict(mesh.shape), jax.process_count())
@@ -276,18 +315,12 @@ def train_and_evaluate(config, workdir: str, *,
       steps_batches = itertools.chain([first_batch], batches)
     last_time, last_step = time.time(), start
     for step in range(start + per_dispatch, t.num_steps + 1, per_dispatch):  # step: the last one done
-      if profile is not None and step - per_dispatch + 1 == profile[0]:
-        jax.profiler.start_trace(str(workdir))
-        profiling = True
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, metrics = train_step(state, next(steps_batches))
         acc = accumulate(acc, metrics, step - per_dispatch + 1)
-      if profiling and step >= profile[1]:
-        jax.block_until_ready(state)
-        jax.profiler.stop_trace()
-        profiling = False
-        logging.info("Profiled steps %d..%d into %s (TensorBoard's Profile tab)", *profile,
-                     workdir / "plugins" / "profile")
+      if profiler is not None:
+        profiler(step, state)
+      report_progress(step)
       stop_signal = stop.stop_signal(step, ckpt) if step < t.num_steps else None  # logs, saves, raises
       log_due = is_due(step, t.log_every_steps, t.num_steps) or stop_signal is not None
       ckpt_due = is_due(step, t.checkpoint_every_steps, t.num_steps) or stop_signal is not None
@@ -296,21 +329,22 @@ def train_and_evaluate(config, workdir: str, *,
       if log_due or ckpt_due or eval_due:  # checkpoints are only written after a finiteness check
         summary = summarize(acc)
         acc = None
-        now = time.time()
-        steps_per_s = (step - last_step) / max(now - last_time, 1e-9)
-        last_time, last_step = now, step
-        writer.write_scalars(step, {**summary, "steps_per_sec": steps_per_s})
-        eta = (t.num_steps - step) / max(steps_per_s, 1e-9)
-        if on_log is not None and jax.process_index() == 0:
-          on_log(step, {**summary, "steps_per_sec": steps_per_s, "eta_s": eta})
-        logging.info("step %d/%d  %.2f steps/s  ETA %s  D %.4f  G %.4f", step, t.num_steps, steps_per_s,
-                     time.strftime("%H:%M:%S", time.gmtime(eta)), summary["D/loss"], summary["G/loss"])
+        writer.write_scalars(step, summary)
+        if on_log is not None and jax.process_index() == 0:  # a caller's own progress display
+          now = time.time()
+          steps_per_s = (step - last_step) / max(now - last_time, 1e-9)
+          last_time, last_step = now, step
+          on_log(step, {**summary, "steps_per_sec": steps_per_s,
+                        "eta_s": (t.num_steps - step) / max(steps_per_s, 1e-9)})
       if is_due(step, t.sample_every_steps, t.num_steps):
-        write_sample_grids(state, models, sample_fn, sources, config, workdir, writer, step)
+        with report_progress.timed("sample grids"):
+          write_sample_grids(state, models, sample_fn, sources, config, workdir, writer, step)
       if ckpt_due:
-        ckpt.save(step, state, config.to_dict())
+        with report_progress.timed("checkpoints"):
+          ckpt.save(step, state, config.to_dict())
       if eval_due:
-        evaluate_and_keep_best(state, models, config, evaluator, best, workdir, writer, step)
+        with report_progress.timed("evaluation"):
+          evaluate_and_keep_best(state, models, config, evaluator, best, workdir, writer, step)
       if stop_signal is not None:
         ckpt.wait()
         raise preemption.TrainingInterrupted(step, stop_signal, ckpt.directory)
@@ -319,8 +353,8 @@ def train_and_evaluate(config, workdir: str, *,
     raise NonFiniteLossError(f"{e}; stopped. The last good checkpoint is step "
                              f"{steps[-1] if steps else 'none'} in {ckpt.directory}") from None
   finally:
-    if profiling:  # the run ended inside the profiled steps
-      jax.profiler.stop_trace()
+    if profiler is not None:
+      stop_profile_if_running()
     stop.restore()
     if isinstance(batches, input_pipeline.Prefetcher):
       batches.close()

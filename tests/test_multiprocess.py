@@ -122,7 +122,7 @@ def test_a_sigterm_to_one_process_stops_both_at_one_step_with_a_checkpoint(tmp_p
     procs = start_two_processes(flags, tmp_path / "run", [log0, log1])
   try:
     deadline = time.time() + PROCESS_TIMEOUT_S
-    while "step 3/1000" not in logs[1].read_text() and time.time() < deadline:
+    while "(3/1000)" not in logs[1].read_text() and time.time() < deadline:  # the progress line
       time.sleep(0.5)
     procs[1].send_signal(signal.SIGTERM)  # not the chief: any host's notice stops them all
     codes = [p.wait(timeout=PROCESS_TIMEOUT_S) for p in procs]

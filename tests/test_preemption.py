@@ -95,7 +95,7 @@ def test_sigterm_saves_the_step_reached_and_the_run_resumes_bit_identical(tmp_pa
   proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
   try:
-    before = wait_for_line(proc, "step 3/1000", time.time() + STOP_TIMEOUT_S)
+    before = wait_for_line(proc, "(3/1000)", time.time() + STOP_TIMEOUT_S)  # the progress line
     proc.send_signal(signal.SIGTERM)
     after = proc.communicate(timeout=STOP_TIMEOUT_S)[1]
   finally:
