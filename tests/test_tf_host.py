@@ -46,9 +46,12 @@ def test_tensorflow_already_initialised_without_gpus_is_fine(fresh_guard, monkey
 def test_writers_and_tfds_preparation_hide_the_gpus_first(monkeypatch, tmp_path):
   events = []
   monkeypatch.setattr(tf_host, "keep_tensorflow_on_host", lambda: events.append("hidden"))
-  monkeypatch.setattr(train.metric_writers, "create_default_writer",
-                      lambda *args, **kwargs: events.append("writer"))
-  train.create_writer(tmp_path)
+  def summary_writer(logdir):
+    events.append("writer")
+    return train.metric_writers.MultiWriter([])
+
+  monkeypatch.setattr(train.metric_writers, "SummaryWriter", summary_writer)
+  train.create_writer(tmp_path).close()
   assert events == ["hidden", "writer"]
 
   events.clear()
