@@ -40,7 +40,7 @@ def make_config(args, dtype: str):
   m = config.model
   m.img_size, m.ch, m.n_res, m.n_dis, m.light, m.dtype = (args.img_size, args.ch, args.n_res, args.n_dis,
                                                           not args.full, dtype)
-  m.conv_weight_grad = "xla"  # the CPU convolution paths compute in float32 whatever the dtype
+  m.conv_impl = "xla"  # the CPU convolution paths compute in float32 whatever the dtype
   return config
 
 

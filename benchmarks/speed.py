@@ -34,6 +34,7 @@ import numpy as np
 
 from benchmarks import hlo_ops
 from benchmarks.speed_report import markdown_table
+from nicegan_jax.convolutions import CPU_PATHS
 
 # Peak dense bf16 FLOP/s per chip (vendor figures, without sparsity).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
@@ -53,7 +54,7 @@ def make_config(args):
   config = default.get_config()
   m, t = config.model, config.train
   m.img_size, m.ch, m.n_res, m.n_dis, m.light = args.img_size, args.ch, args.n_res, args.n_dis, not args.full
-  m.dtype, m.remat, m.conv_weight_grad = args.dtype, args.remat, args.conv_weight_grad
+  m.dtype, m.remat, m.conv_impl = args.dtype, args.remat, args.conv_impl
   t.batch_size, t.steps_per_dispatch = args.batch, args.steps_per_dispatch
   if args.prefetch is not None:
     t.prefetch = args.prefetch
@@ -110,10 +111,11 @@ def traced_flops(config, models, mesh, shardings, state) -> float | None:
   return flops_of(step_fn.lower(state, batch))
 
 
-def abstract_setup(config) -> tuple:
-  """(models, mesh, state shapes, state shardings) of a config; nothing is allocated."""
+def abstract_setup(config, conv=None) -> tuple:
+  """(models, mesh, state shapes, state shardings) of a config, its convolutions replaced by `conv` if
+  given; nothing is allocated."""
   from nicegan_jax import models as models_lib, sharding, train_state
-  models = models_lib.create_models(config.model)
+  models = models_lib.create_models(config.model, conv)
   mesh = sharding.create_mesh(config.mesh)
   shapes = jax.eval_shape(lambda: train_state.create_train_state(config, jax.random.PRNGKey(0), models))
   return models, mesh, shapes, sharding.state_shardings(shapes, mesh, config.mesh.shard_min_size)
@@ -122,10 +124,10 @@ def abstract_setup(config) -> tuple:
 PROFILED_STEPS = 3  # steps traced by --profile, after the timed ones
 
 
-def time_train(config, *, steps: int, warmup: int, profile_dir: str | None = None) -> dict:
+def time_train(config, *, steps: int, warmup: int, profile_dir: str | None = None, conv=None) -> dict:
   """Times the train step; with `profile_dir`, then traces PROFILED_STEPS more steps into it."""
   from nicegan_jax import sharding, step as step_lib, train_state
-  models, mesh, _, shardings = abstract_setup(config)
+  models, mesh, _, shardings = abstract_setup(config, conv)
   k = config.train.steps_per_dispatch
   state = train_state.create_train_state(config, jax.random.PRNGKey(0), models, out_shardings=shardings)
   step_fn = sharding.jit_train_step(step_lib.make_train_step(config, models), mesh, shardings,
@@ -232,42 +234,42 @@ def time_loop(config, steps: int) -> dict:
   return {"loop_steps": t.num_steps, "loop_step_s": 1.0 / statistics.median(rates[1:])}
 
 
-def keep_off_winograd() -> None:
-  """Keeps every conv off Winograd's F(2x2, 3x3) in the CPU setting (`--no_winograd`): the baseline that
-  measures what it gains. Must run before the step is traced."""
+def convolutions_of(args):
+  """The CPU convolutions with the `--without` paths switched off, or None (the config's own)."""
   from nicegan_jax import convolutions
-  convolutions.WINOGRAD_MIN_TILES = sys.maxsize
+  if not args.without:
+    return None
+  return convolutions.CpuConvolutions(convolutions.CpuPolicy().without(*args.without))
 
 
 def settings_of(args, config) -> dict:
   """The measured configuration and where it ran, as the JSON line's first fields."""
-  from nicegan_jax import models as models_lib
+  from nicegan_jax import convolutions
   device = jax.devices()[0]
   return {
       "backend": jax.default_backend(), "device": getattr(device, "device_kind", str(device)),
       "devices": config.mesh.data if config.mesh.data > 0 else jax.device_count(),
       "img_size": args.img_size, "ch": args.ch, "n_res": args.n_res, "n_dis": args.n_dis,
       "light": not args.full, "batch": args.batch, "dtype": args.dtype, "remat": args.remat,
-      "conv_weight_grad": models_lib.conv_weight_grad_for(args.conv_weight_grad),
-      "steps_per_dispatch": args.steps_per_dispatch, "winograd": not args.no_winograd,
+      "conv_impl": convolutions.resolve(args.conv_impl), "cpu_paths_off": sorted(args.without),
+      "steps_per_dispatch": args.steps_per_dispatch,
       "prefetch": config.train.prefetch,
   }
 
 
 def count_flops(args, config) -> dict:
   """`--flops_only`: the step traced, never compiled or run, and XLA's FLOP count of it."""
-  models, mesh, shapes, shardings = abstract_setup(config)
+  models, mesh, shapes, shardings = abstract_setup(config, convolutions_of(args))
   return {**settings_of(args, config),
           "flops_per_step_traced": traced_flops(config, models, mesh, shardings, shapes)}
 
 
 def measure(args) -> dict:
-  if args.no_winograd:
-    keep_off_winograd()
   config = make_config(args)
   if args.flops_only:
     return count_flops(args, config)
-  train = time_train(config, steps=args.steps, warmup=args.warmup, profile_dir=args.profile)
+  train = time_train(config, steps=args.steps, warmup=args.warmup, profile_dir=args.profile,
+                     conv=convolutions_of(args))
   device = jax.devices()[0]
   result = {
       **settings_of(args, config),
@@ -345,11 +347,13 @@ def parse(argv=None):
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                  help="compute dtype (parameters and optimizer state stay float32)")
   p.add_argument("--remat", action="store_true", help="rematerialise the generators' residual blocks")
-  p.add_argument("--conv_weight_grad", default="auto", choices=["auto", "xla", "matmul"],
-                 help="how conv gradients are computed (auto: matmul on CPU, xla on GPU/TPU)")
+  p.add_argument("--conv_impl", default="auto", choices=["auto", "xla", "cpu"],
+                 help="how convolutions are computed (auto: cpu on a CPU, xla on GPU/TPU)")
   p.add_argument("--steps_per_dispatch", type=int, default=1, help="train steps per jitted call (lax.scan)")
-  p.add_argument("--no_winograd", action="store_true",
-                 help="CPU setting: run no 3x3 conv as Winograd's F(2x2, 3x3), to measure what it gains")
+  p.add_argument("--without", type=lambda s: [p for p in s.split(",") if p], default=[], metavar="PATHS",
+                 help="CPU convolutions: switch off these paths (comma-separated, some of "
+                      f"{', '.join(CPU_PATHS)}), to measure what they gain; the train and translate "
+                      "timings, not --loop")
   p.add_argument("--devices", type=int, default=1, help="data-parallel devices (-1 = all)")
   p.add_argument("--prefetch", type=int, default=None,
                  help="train.prefetch for --loop: batches put on the device ahead "
@@ -365,8 +369,8 @@ def parse(argv=None):
   p.add_argument("--torch_steps", type=int, default=5, help="timed PyTorch iterations")
   p.add_argument("--flops_only", action="store_true",
                  help="only count the step's FLOPs as traced, before XLA's optimisations (nothing compiled "
-                      "or run: any size, in seconds); on a CPU add --conv_weight_grad=xla --no_winograd "
-                      "for the convolutions a GPU or TPU runs")
+                      "or run: any size, in seconds); on a CPU add --conv_impl=xla for the convolutions a "
+                      "GPU or TPU runs")
   p.add_argument("--profile", metavar="DIR", default=None,
                  help=f"after the timings, trace {PROFILED_STEPS} more steps with jax.profiler into DIR "
                       "(open with TensorBoard's profile plugin or xprof)")
@@ -383,8 +387,19 @@ def parse(argv=None):
       p.error(f"--{name}={value}: must be >= {least}")
   if args.devices == 0 or args.devices < -1:
     p.error(f"--devices={args.devices}: use -1 (all devices) or a positive count")
+  unknown = sorted(set(args.without) - set(CPU_PATHS))
+  if unknown:
+    p.error(f"--without={','.join(args.without)}: unknown path(s) {', '.join(unknown)}; use some of "
+            f"{', '.join(CPU_PATHS)}")
+  if args.without and args.conv_impl == "xla":
+    p.error("--without switches off CPU convolution paths; --conv_impl=xla takes none")
   check_model_flags(p, make_config(args).model)
   return args
+
+
+def conv_words(result: dict) -> str:
+  off = result["cpu_paths_off"]
+  return f"{result['conv_impl']} convolutions" + (f" without {', '.join(off)}" if off else "")
 
 
 def main(argv=None) -> int:
@@ -400,11 +415,11 @@ def main(argv=None) -> int:
   model = (f"{'light' if result['light'] else 'full'} {args.img_size}px ch {args.ch} n_res {args.n_res} "
            f"n_dis {args.n_dis} batch {args.batch} {args.dtype}")
   if args.flops_only:
-    print(f"{model}, {result['conv_weight_grad']} weight grads{'' if result['winograd'] else ', no Winograd'}: "
-          f"{result['flops_per_step_traced'] / 1e12:.3f} TFLOP per step as traced")
+    print(f"{model}, {conv_words(result)}: {result['flops_per_step_traced'] / 1e12:.3f} TFLOP per step as "
+          "traced")
     return 0
   print(f"{result['device']} x{result['devices']}  {model}{' remat' if args.remat else ''} steps/dispatch "
-        f"{args.steps_per_dispatch} {result['conv_weight_grad']} weight grads")
+        f"{args.steps_per_dispatch} {conv_words(result)}")
   print(f"compile {result['compile_s']:.1f} s   step median {result['step_s_median'] * 1e3:.1f} ms "
         f"(min {result['step_s_min'] * 1e3:.1f})   {result['train_iter_per_s']:.2f} it/s   "
         f"{result['train_img_per_s']:.2f} img/s   pipelined (no wait between steps) "

@@ -11,11 +11,11 @@ from typing import Callable
 
 def _options(r: dict) -> str:
   """The row's settings that differ from the defaults, as words."""
-  default_grad = "matmul" if r.get("backend") == "cpu" else "xla"
+  default_impl = "cpu" if r.get("backend") == "cpu" else "xla"
   options = [name for name, on in (
       ("remat", r["remat"]),
-      (f"{r.get('conv_weight_grad')} conv grads", r.get("conv_weight_grad", default_grad) != default_grad),
-      ("no Winograd", r.get("backend") == "cpu" and r.get("winograd") is False),
+      (f"{r.get('conv_impl')} convolutions", r.get("conv_impl", default_impl) != default_impl),
+      (f"without {', '.join(r.get('cpu_paths_off', []))}", bool(r.get("cpu_paths_off"))),
       (f"{r['steps_per_dispatch']} steps/dispatch", r["steps_per_dispatch"] > 1),
       (f"{r['devices']} devices", r.get("devices", 1) > 1)) if on]
   return ", ".join(options) or "-"

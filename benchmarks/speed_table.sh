@@ -6,8 +6,9 @@
 #   bash benchmarks/speed_table.sh [out.jsonl]
 # Environment: SPEED_TABLE_BUDGET_S=N starts no row with less than SPEED_TABLE_MIN_ROW_S (default 60)
 # seconds of the N left and stops a row that runs past them (for a leased accelerator's time limit);
-# SPEED_TABLE_ROWS picks the rows on any backend (cpu, accelerator, or options: remat, steps per
-# dispatch and prefetch, each against the same row without it), SPEED_TABLE_ARGS is appended to
+# SPEED_TABLE_ROWS picks the rows on any backend (cpu, accelerator, options: remat, steps per
+# dispatch and prefetch, each against the same row without it, or cpu_paths: each CPU convolution path
+# switched off against all of them on), SPEED_TABLE_ARGS is appended to
 # every row and SPEED_TABLE_PROFILE_DIR=D also writes a jax.profiler trace of the two target rows
 # under D/<row>, e.g. to try the accelerator rows on a CPU:
 #   SPEED_TABLE_ROWS=accelerator SPEED_TABLE_ARGS="--img_size=64 --ch=8 --n_res=1 --steps=2" \
@@ -73,8 +74,22 @@ options)
   alternately "--img_size=64 --ch=32 --n_res=4 --batch=1 --steps=10 --no_translate --loop=250" \
     "--prefetch=0" "--prefetch=2"
   ;;
+cpu_paths)
+  # What each CPU convolution path gains today: the CPU convolutions with every path on (first and last,
+  # for the noise between them), XLA's own convolutions, and each path switched off alone, at 64x64
+  # (ch 64, n_res 6), batch 1 and 8.
+  for batch in 1 8; do
+    base=(--img_size=64 --batch=$batch --steps=$([ "$batch" = 1 ] && echo 5 || echo 3) --no_translate)
+    row "${base[@]}"
+    row "${base[@]}" --conv_impl=xla
+    for path in weight_grad_taps input_grad_taps forward_taps padded output_taps winograd; do
+      row "${base[@]}" --without=$path
+    done
+    row "${base[@]}"
+  done
+  ;;
 *)
-  echo "SPEED_TABLE_ROWS=$rows: use cpu, accelerator or options" >&2
+  echo "SPEED_TABLE_ROWS=$rows: use cpu, accelerator, options or cpu_paths" >&2
   exit 2
   ;;
 esac

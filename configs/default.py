@@ -26,7 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.light = True  # light: the gamma/beta MLP sees pooled features (the paper's numbers)
   config.model.dtype = "float32"  # compute dtype of convs and dense layers (params stay float32)
   config.model.remat = False  # recompute the generators' residual blocks in the backward pass
-  config.model.conv_weight_grad = "auto"  # auto | xla | matmul: how conv gradients are computed (CPU: matmul)
+  config.model.conv_impl = "auto"  # auto | xla | cpu: how convolutions are computed (auto: cpu on CPUs)
 
   config.loss = ml_collections.ConfigDict()
   config.loss.adv_weight = 1.0  # LSGAN terms (3 heads per domain)

@@ -10,10 +10,10 @@ def get_config():
   config.model.ch = 8
   config.model.n_res = 1
   config.model.n_dis = 6
-  # XLA's conv gradients compile about a third faster than the per-tap matmuls that "auto" picks on
-  # CPUs, which only pay off at real widths. The matmul path keeps its own tests: equality with XLA's
-  # gradients (test_performance.py) and training against PyTorch (test_torch_parity.py).
-  config.model.conv_weight_grad = "xla"
+  # XLA's convolutions compile about a third faster than the CPU paths that "auto" picks on CPUs, which
+  # only pay off at real widths. The CPU paths keep their own tests: equality with XLA's convolution and
+  # its gradients (test_convolutions.py) and training against PyTorch (test_torch_parity.py).
+  config.model.conv_impl = "xla"
   config.train.num_steps = 4
   config.train.batch_size = 2
   config.train.log_every_steps = 2

@@ -45,7 +45,8 @@ import orbax.checkpoint as ocp
 URLS_NOT_SUPPORTED = ("URLs (gs://, s3://, ...) are not supported; use a path on a filesystem every host "
                       "mounts (NFS, Filestore, or the bucket through gcsfuse)")
 STATE, CONFIG, METADATA = "state", "config", "metadata"  # the items of a checkpoint
-EXECUTION_ONLY = ("dtype", "remat", "conv_weight_grad")  # model fields that change how, not what, is computed
+# Model fields that change how, not what, is computed (conv_weight_grad: conv_impl's name before it).
+EXECUTION_ONLY = ("dtype", "remat", "conv_impl", "conv_weight_grad")
 
 # TensorStore's status codes: the checkpoint's bytes are bad, or the machine is (retrying may work).
 DAMAGE_STATUS = ("DATA_LOSS", "FAILED_PRECONDITION", "NOT_FOUND", "OUT_OF_RANGE", "INVALID_ARGUMENT")

@@ -9,6 +9,7 @@ and what would work. The rest of the library reads every field directly.
 
 from __future__ import annotations
 
+import copy
 import pathlib
 
 import ml_collections
@@ -31,8 +32,22 @@ def with_defaults(config) -> ml_collections.ConfigDict:
   configs/default.py's config: its values win, fields it lacks take their defaults."""
   from configs import default  # the schema: every field, with the original's value
   merged = default.get_config()
-  _merge(merged, config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config, "config")
+  values = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else copy.deepcopy(config)
+  _merge(merged, _renamed(values), "config")
   return merged
+
+
+# model.conv_weight_grad (auto | xla | matmul) became model.conv_impl (auto | xla | cpu).
+CONV_IMPL_OF_WEIGHT_GRAD = {"auto": "auto", "xla": "xla", "matmul": "cpu"}
+
+
+def _renamed(values: dict) -> dict:
+  """A saved config's values with fields that were renamed since under their current names."""
+  model = values.get("model")
+  if isinstance(model, dict) and "conv_weight_grad" in model:
+    old = model.pop("conv_weight_grad")
+    model.setdefault("conv_impl", CONV_IMPL_OF_WEIGHT_GRAD.get(old, old))
+  return values
 
 
 def _merge(base: ml_collections.ConfigDict, values: dict, where: str) -> None:
@@ -84,9 +99,8 @@ def validate_model(m) -> None:
   _require(m.ch >= 1, "model.ch", m.ch, "must be >= 1")
   _require(m.n_res >= 0, "model.n_res", m.n_res, "must be >= 0")
   _require(m.dtype in DTYPES, "model.dtype", m.dtype, f"use one of {', '.join(DTYPES)}")
-  weight_grads = ("auto", *convolutions.WEIGHT_GRADS)
-  _require(m.conv_weight_grad in weight_grads, "model.conv_weight_grad", m.conv_weight_grad,
-           f"use one of {', '.join(weight_grads)}")
+  impls = ("auto", *convolutions.IMPLS)
+  _require(m.conv_impl in impls, "model.conv_impl", m.conv_impl, f"use one of {', '.join(impls)}")
 
 
 def validate(config) -> None:

@@ -1,7 +1,10 @@
-"""The convolution algorithms behind `layers.Conv`: XLA's own, and the faster paths on XLA:CPU.
+"""The convolution implementations the layers take: XLA's own, and the faster paths on XLA:CPU.
 
-Owns: `conv_valid` (XLA's convolution, VALID padding: the one GPUs and TPUs run), and for the "matmul"
-setting (`weight_grad="matmul"`, the CPU default) a convolution whose backward pass computes gradients
+`layers.Conv` runs whatever function `(x, kernel, stride) -> y` it is given (as flax's `nn.Conv` takes
+`conv_general_dilated`); `for_impl(config.model.conv_impl)` makes it: `conv_valid` ("xla", XLA's
+convolution with VALID padding, the one GPUs and TPUs run) or `CpuConvolutions` ("cpu", the default
+on CPUs). The CPU implementation picks per convolution, by size rules gathered in one `CpuPolicy`, a
+convolution whose backward pass computes gradients
 as one matmul per kernel tap (the kernel's always, the input's on small maps), which XLA:CPU runs
 1.3-26x faster than its own gradient convolutions at batch 1; whose forward pass on small maps from 256+
 channels is a sum of one matmul per tap too, and onto few outputs one matmul onto every tap's outputs
@@ -10,65 +13,98 @@ convolutions, forward and kernel gradient, run padded by one zero row whose outp
 (`conv_padded`), since XLA:CPU runs unpadded stride-1 convolutions on a path about 3x slower; and whose
 wide 3x3 stride-1 convolutions (the generators' residual blocks) run, forward and both gradients, as
 Winograd's F(2x2, 3x3) (`conv_winograd`), which needs 2.25x fewer multiplies. `select` picks the path
-of one convolution. Every path gives the same values as `conv_valid` up to float rounding.
+of one convolution. Every path gives the same values as `conv_valid` up to float rounding; a benchmark
+switches paths off with `CpuPolicy.without` to measure what each gains.
 
 Layout is NHWC, kernels (kh, kw, in, out).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import sys
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-WEIGHT_GRADS = ("xla", "matmul")
-# Convs with fewer output features keep XLA's weight gradient: one matmul per tap of a 7x7 kernel with 3
-# outputs (the generator's last layer) is 6x slower than XLA's convolution on a CPU.
-MATMUL_WEIGHT_GRAD_MIN_FEATURES = 16
-# On small maps with many channels XLA:CPU's input-gradient convolution is slow too (250 ms for a 4x4 conv
-# 512 -> 1024 on a 6x6 map, against 9 ms as 16 matmuls); on large maps its own is as fast or faster.
-MATMUL_INPUT_GRAD_MAX_POSITIONS = 20 * 20
-# XLA:CPU's forward convolution from 256 or more input channels on maps of at most 32x32 outputs is slower
-# than a sum of one matmul per kernel tap (a 3x3 conv 256 -> 256 at 16x16: 4.6 ms against 3.4 ms for
-# one image, 28 ms against 22 ms for eight). With fewer inputs the whole train step got slower although
-# single convs from 32-128 channels were faster at batch 4-8; on larger maps XLA's own is faster.
-TAPS_FORWARD_MIN_IN_FEATURES = 256
-TAPS_FORWARD_MAX_POSITIONS = 32 * 32
-# XLA:CPU runs a stride-1 convolution without padding (VALID) on a far slower path than the same
-# convolution with any padding: a 3x3 conv 256 -> 256 on a 34x34 map at batch 8 takes 162 ms VALID and
-# 53 ms with one zero row padded below the input (whose extra output row is dropped), its kernel gradient
-# 174 ms against 83 ms; the generator's 7x7 conv 64 -> 3 at 64x64, 250 ms against 12 ms. So the "matmul"
-# setting runs stride-1 convs that way (`conv_padded`), forward and kernel gradient, except on maps of
-# fewer output positions than this, where the tap matmuls stay faster (a 4x4 conv 1024 -> 2048 onto 3x3
-# outputs: 108 ms as taps, 139 ms padded).
-PADDED_MIN_POSITIONS = 8 * 8
-# XLA:CPU's forward convolution onto few outputs is slow, and slows far more than linearly with the batch
-# (the generator's 7x7 conv 64 -> 3 at 64x64: 34 ms for one image, 268 ms for eight; its 3x3 conv
-# 128 -> 64 on a 64x64 map: 138 ms for eight). One matmul onto all outputs x taps followed by shifted sums
-# (`conv_output_taps`) takes 1.3 ms, 9 ms and 63 ms there, so the "matmul" setting (the CPU default) runs
-# a conv forward that way when its kernel has at most this many columns (outputs x kh x kw: 64 outputs
-# of a 3x3 kernel; the 3x3 conv 256 -> 128, 1152 columns, was no faster). Narrow convs (under
-# MATMUL_WEIGHT_GRAD_MIN_FEATURES outputs) keep XLA's gradients, which are fast for them (`conv_narrow`).
-# From few input channels the matmul is mostly writes (the discriminator's first 4x4 conv 3 -> 32 at batch
-# 8: 24 ms against XLA's 1.5 ms), hence a floor on the inputs.
-OUTPUT_TAPS_MAX_COLUMNS = 576
-OUTPUT_TAPS_MIN_IN_FEATURES = 32
-# Where `conv_padded` applies too, output taps stay faster only while the matmul's result (batch x output
-# positions x columns) is small: the 7x7 conv 64 -> 3 at 64x64, batch 8 (4.8M entries): 7 ms against 11 ms
-# padded; at 128x128 (19M): 64 ms against 26 ms; the 3x3 conv 128 -> 64 on 64x64 outputs, batch 8 (19M):
-# 68 ms against 52 ms.
-OUTPUT_TAPS_MAX_PADDED_ALTERNATIVE = 2 ** 23
-# Winograd's F(2x2, 3x3) (`conv_winograd`) takes 2.25x fewer multiplies for a 3x3 stride-1 conv, but its
-# 16 small matmuls and the tile transforms only pay off with enough channels and tiles (2x2 output blocks
-# over the batch). Whole train steps with it against without, same process (ch 64 unless said): 64x64
-# batch 8 1.26x faster, 128x128 batch 8 1.17x, 128x128 batch 1 1.14x, ch 32 batch 4 1.09x; at 64x64
-# batch 1 (64 tiles per residual conv) 0.99x, hence the tile floor. Convs to or from 64 channels were
-# slower this way (a 3x3 conv 128 -> 64 at 32x32, batch 8, forward and gradients: 43 ms as Winograd,
-# 21 ms otherwise).
-WINOGRAD_MIN_FEATURES = 128
-WINOGRAD_MIN_TILES = 256
+IMPLS = ("xla", "cpu")  # config.model.conv_impl ("auto": cpu on CPUs, xla on GPUs and TPUs)
 
+
+@dataclasses.dataclass(frozen=True)
+class CpuPolicy:
+  """Where each of the CPU paths applies: size rules timed on XLA:CPU (the figures in the comments come
+  from `benchmarks/speed.py` runs on a 2-core CPU; `benchmarks/speed_runs.md` holds them all). A
+  benchmark passes another policy to measure a path against its absence (`without`)."""
+
+  # Convs with fewer output features keep XLA's weight gradient: one matmul per tap of a 7x7 kernel with 3
+  # outputs (the generator's last layer) is 6x slower than XLA's convolution on a CPU.
+  matmul_weight_grad_min_features: int = 16
+  # On small maps with many channels XLA:CPU's input-gradient convolution is slow too (250 ms for a 4x4
+  # conv 512 -> 1024 on a 6x6 map, against 9 ms as 16 matmuls); on large maps its own is as fast or faster.
+  matmul_input_grad_max_positions: int = 20 * 20
+  # XLA:CPU's forward convolution from 256 or more input channels on maps of at most 32x32 outputs is
+  # slower than a sum of one matmul per kernel tap (a 3x3 conv 256 -> 256 at 16x16: 4.6 ms against 3.4 ms
+  # for one image, 28 ms against 22 ms for eight). With fewer inputs the whole train step got slower
+  # although single convs from 32-128 channels were faster at batch 4-8; on larger maps XLA's is faster.
+  taps_forward_min_in_features: int = 256
+  taps_forward_max_positions: int = 32 * 32
+  # XLA:CPU runs a stride-1 convolution without padding (VALID) on a far slower path than the same
+  # convolution with any padding: a 3x3 conv 256 -> 256 on a 34x34 map at batch 8 takes 162 ms VALID and
+  # 53 ms with one zero row padded below the input (whose extra output row is dropped), its kernel
+  # gradient 174 ms against 83 ms; the generator's 7x7 conv 64 -> 3 at 64x64, 250 ms against 12 ms. So
+  # stride-1 convs run that way (`conv_padded`), forward and kernel gradient, except on maps of fewer
+  # output positions than this, where the tap matmuls stay faster (a 4x4 conv 1024 -> 2048 onto 3x3
+  # outputs: 108 ms as taps, 139 ms padded).
+  padded_min_positions: int = 8 * 8
+  # XLA:CPU's forward convolution onto few outputs is slow, and slows far more than linearly with the
+  # batch (the generator's 7x7 conv 64 -> 3 at 64x64: 34 ms for one image, 268 ms for eight; its 3x3 conv
+  # 128 -> 64 on a 64x64 map: 138 ms for eight). One matmul onto all outputs x taps followed by shifted
+  # sums (`conv_output_taps`) takes 1.3 ms, 9 ms and 63 ms there, so a conv forward runs that way when its
+  # kernel has at most this many columns (outputs x kh x kw: 64 outputs of a 3x3 kernel; the 3x3 conv
+  # 256 -> 128, 1152 columns, was no faster). Narrow convs (under matmul_weight_grad_min_features outputs)
+  # keep XLA's gradients, which are fast for them (`conv_narrow`). From few input channels the matmul is
+  # mostly writes (the discriminator's first 4x4 conv 3 -> 32 at batch 8: 24 ms against XLA's 1.5 ms),
+  # hence a floor on the inputs.
+  output_taps_max_columns: int = 576
+  output_taps_min_in_features: int = 32
+  # Where `conv_padded` applies too, output taps stay faster only while the matmul's result (batch x
+  # output positions x columns) is small: the 7x7 conv 64 -> 3 at 64x64, batch 8 (4.8M entries): 7 ms
+  # against 11 ms padded; at 128x128 (19M): 64 ms against 26 ms; the 3x3 conv 128 -> 64 on 64x64 outputs,
+  # batch 8 (19M): 68 ms against 52 ms.
+  output_taps_max_padded_alternative: int = 2 ** 23
+  # Winograd's F(2x2, 3x3) (`conv_winograd`) takes 2.25x fewer multiplies for a 3x3 stride-1 conv, but its
+  # 16 small matmuls and the tile transforms only pay off with enough channels and tiles (2x2 output
+  # blocks over the batch). Whole train steps with it against without, same process (ch 64 unless said):
+  # 64x64 batch 8 1.26x faster, 128x128 batch 8 1.17x, 128x128 batch 1 1.14x, ch 32 batch 4 1.09x; at
+  # 64x64 batch 1 (64 tiles per residual conv) 0.99x, hence the tile floor. Convs to or from 64 channels
+  # were slower this way (a 3x3 conv 128 -> 64 at 32x32, batch 8, forward and gradients: 43 ms as
+  # Winograd, 21 ms otherwise).
+  winograd_min_features: int = 128
+  winograd_min_tiles: int = 256
+
+  def without(self, *paths: str) -> "CpuPolicy":
+    """This policy with the named paths (`CPU_PATHS`) never taken."""
+    unknown = sorted(set(paths) - set(CPU_PATHS))
+    if unknown:
+      raise ValueError(f"unknown CPU path(s) {', '.join(unknown)}; use some of {', '.join(CPU_PATHS)}")
+    changes = {}
+    for path in paths:
+      changes.update(CPU_PATHS[path])
+    return dataclasses.replace(self, **changes)
+
+
+NEVER = sys.maxsize
+# Each CPU path, and the policy fields that switch it off (`CpuPolicy.without`).
+CPU_PATHS = {
+    "weight_grad_taps": {"matmul_weight_grad_min_features": NEVER},  # kernel gradients as tap matmuls
+    "input_grad_taps": {"matmul_input_grad_max_positions": 0},  # input gradients as tap matmuls
+    "forward_taps": {"taps_forward_min_in_features": NEVER},  # `conv_taps` forwards
+    "padded": {"padded_min_positions": NEVER},  # `conv_padded`
+    "output_taps": {"output_taps_max_columns": 0},  # `conv_output_taps` forwards (and `conv_narrow`)
+    "winograd": {"winograd_min_tiles": NEVER},  # `conv_winograd`
+}
 
 
 def conv_valid(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
@@ -79,8 +115,8 @@ def conv_valid(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
 
 def conv_padded(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
   """`conv_valid` computed with `stride` zero rows padded below the input and the extra output row
-  dropped: the same values, on XLA:CPU's much faster path for padded convolutions (PADDED_MIN_POSITIONS;
-  the "matmul" setting uses it at stride 1 only)."""
+  dropped: the same values, on XLA:CPU's much faster path for padded convolutions (the CPU
+  implementation uses it at stride 1 only: CpuPolicy.padded_min_positions)."""
   out_h, _ = _conv_output_hw(x, kernel.shape[0], stride)
   y = jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((0, stride), (0, 0)),
                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -283,46 +319,47 @@ def conv_winograd(x: jax.Array, kernel: jax.Array) -> jax.Array:
   return _conv_winograd_even(x, kernel)[:, :out_h, :out_w]
 
 
-def _uses_padded(x: jax.Array, kernel: jax.Array, stride: int) -> bool:
-  """Whether the "matmul" setting runs this conv and its kernel gradient as `conv_padded`."""
+def _uses_padded(x: jax.Array, kernel: jax.Array, stride: int, policy: CpuPolicy) -> bool:
+  """Whether this conv and its kernel gradient run as `conv_padded`."""
   out_h, out_w = _conv_output_hw(x, kernel.shape[0], stride)
-  return stride == 1 and kernel.shape[0] > 1 and out_h * out_w >= PADDED_MIN_POSITIONS
+  return stride == 1 and kernel.shape[0] > 1 and out_h * out_w >= policy.padded_min_positions
 
 
-def _uses_winograd(x: jax.Array, kernel: jax.Array, stride: int) -> bool:
-  """Whether the "matmul" setting runs this conv, forward and gradients, as `conv_winograd`."""
+def _uses_winograd(x: jax.Array, kernel: jax.Array, stride: int, policy: CpuPolicy) -> bool:
+  """Whether this conv, forward and gradients, runs as `conv_winograd`."""
   k, kw, features_in, features = kernel.shape
   out_h, out_w = _conv_output_hw(x, k, stride)
   tiles = x.shape[0] * ((out_h + 1) // 2) * ((out_w + 1) // 2)
   return (stride == 1 and (k, kw) == (3, 3) and x.dtype == jnp.float32 and kernel.dtype == jnp.float32
-          and min(features_in, features) >= WINOGRAD_MIN_FEATURES and tiles >= WINOGRAD_MIN_TILES)
+          and min(features_in, features) >= policy.winograd_min_features and tiles >= policy.winograd_min_tiles)
 
 
-def _uses_taps_forward(x: jax.Array, kernel: jax.Array, stride: int) -> bool:
-  """Whether the "matmul" setting runs this conv forward as `conv_taps` (see TAPS_FORWARD_*)."""
+def _uses_taps_forward(x: jax.Array, kernel: jax.Array, stride: int, policy: CpuPolicy) -> bool:
+  """Whether this conv's forward runs as `conv_taps` (see CpuPolicy.taps_forward_*)."""
   out_h, out_w = _conv_output_hw(x, kernel.shape[0], stride)
-  return (kernel.shape[2] >= TAPS_FORWARD_MIN_IN_FEATURES and out_h * out_w <= TAPS_FORWARD_MAX_POSITIONS
-          and not _uses_padded(x, kernel, stride))
+  return (kernel.shape[2] >= policy.taps_forward_min_in_features
+          and out_h * out_w <= policy.taps_forward_max_positions and not _uses_padded(x, kernel, stride, policy))
 
 
-def _uses_output_taps_forward(x: jax.Array, kernel: jax.Array, stride: int) -> bool:
-  """Whether the "matmul" setting runs this conv forward as `conv_output_taps` (see OUTPUT_TAPS_*)."""
+def _uses_output_taps_forward(x: jax.Array, kernel: jax.Array, stride: int, policy: CpuPolicy) -> bool:
+  """Whether this conv's forward runs as `conv_output_taps` (see CpuPolicy.output_taps_*)."""
   k, _, features_in, features = kernel.shape
-  if not (k > 1 and features_in >= OUTPUT_TAPS_MIN_IN_FEATURES and features * k * k <= OUTPUT_TAPS_MAX_COLUMNS):
+  if not (k > 1 and features_in >= policy.output_taps_min_in_features
+          and features * k * k <= policy.output_taps_max_columns):
     return False
   out_h, out_w = _conv_output_hw(x, k, stride)
-  return (not _uses_padded(x, kernel, stride)
-          or x.shape[0] * out_h * out_w * features * k * k <= OUTPUT_TAPS_MAX_PADDED_ALTERNATIVE)
+  return (not _uses_padded(x, kernel, stride, policy)
+          or x.shape[0] * out_h * out_w * features * k * k <= policy.output_taps_max_padded_alternative)
 
 
-def conv_forward(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-  """The "matmul" setting's forward convolution: `conv_output_taps`, `conv_taps` or `conv_padded` where one
-  is faster on XLA:CPU, else XLA's."""
-  if _uses_output_taps_forward(x, kernel, stride):
+def conv_forward(x: jax.Array, kernel: jax.Array, stride: int, policy: CpuPolicy) -> jax.Array:
+  """The CPU forward convolution: `conv_output_taps`, `conv_taps` or `conv_padded` where one is faster on
+  XLA:CPU, else XLA's."""
+  if _uses_output_taps_forward(x, kernel, stride, policy):
     return conv_output_taps(x, kernel, stride)
-  if _uses_taps_forward(x, kernel, stride):
+  if _uses_taps_forward(x, kernel, stride, policy):
     return conv_taps(x, kernel, stride)
-  if _uses_padded(x, kernel, stride):
+  if _uses_padded(x, kernel, stride, policy):
     return conv_padded(x, kernel, stride)
   return conv_valid(x, kernel, stride)
 
@@ -356,25 +393,26 @@ def conv_input_grad(dy: jax.Array, kernel: jax.Array, stride: int, input_hw: tup
   return dx.astype(dy.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv_matmul_weight_grad(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv_matmul_weight_grad(x: jax.Array, kernel: jax.Array, stride: int, policy: CpuPolicy) -> jax.Array:
   """`conv_forward` whose backward pass computes the kernel's gradient with `conv_weight_grad`, or as
-  XLA's gradient of `conv_padded` where that conv applies."""
-  return conv_forward(x, kernel, stride)
+  XLA's gradient of `conv_padded` where that conv applies, and the input's with `conv_input_grad` on
+  small maps."""
+  return conv_forward(x, kernel, stride, policy)
 
 
-def _conv_matmul_fwd(x, kernel, stride):
-  return conv_forward(x, kernel, stride), (x, kernel)
+def _conv_matmul_fwd(x, kernel, stride, policy):
+  return conv_forward(x, kernel, stride, policy), (x, kernel)
 
 
-def _conv_matmul_bwd(stride, residuals, dy):
+def _conv_matmul_bwd(stride, policy, residuals, dy):
   x, kernel = residuals
-  if _uses_padded(x, kernel, stride):
+  if _uses_padded(x, kernel, stride, policy):
     _, kernel_vjp = jax.vjp(lambda w_: conv_padded(x, w_, stride), kernel)
     dkernel = kernel_vjp(dy)[0]
   else:
     dkernel = conv_weight_grad(x, dy, kernel.shape[0], stride).astype(kernel.dtype)
-  if x.shape[1] * x.shape[2] <= MATMUL_INPUT_GRAD_MAX_POSITIONS:
+  if x.shape[1] * x.shape[2] <= policy.matmul_input_grad_max_positions:
     return conv_input_grad(dy, kernel, stride, x.shape[1:3]), dkernel
   _, input_vjp = jax.vjp(lambda x_: conv_valid(x_, kernel, stride), x)
   return input_vjp(dy)[0], dkernel
@@ -383,17 +421,42 @@ def _conv_matmul_bwd(stride, residuals, dy):
 conv_matmul_weight_grad.defvjp(_conv_matmul_fwd, _conv_matmul_bwd)
 
 
-def select(x: jax.Array, kernel: jax.Array, stride: int, weight_grad: str):
-  """The convolution `(x, kernel, stride) -> y` that `layers.Conv` runs for these shapes and setting."""
-  features = kernel.shape[-1]
-  if weight_grad != "matmul":
-    return conv_valid
-  if _uses_winograd(x, kernel, stride):
+def select(x: jax.Array, kernel: jax.Array, stride: int, policy: CpuPolicy) -> Callable:
+  """The CPU path `(x, kernel, stride) -> y` of one convolution of these shapes."""
+  if _uses_winograd(x, kernel, stride, policy):
     return lambda x, kernel, stride: conv_winograd(x, kernel)
-  if features >= MATMUL_WEIGHT_GRAD_MIN_FEATURES:
-    return conv_matmul_weight_grad
-  if _uses_output_taps_forward(x, kernel, stride):
+  if kernel.shape[-1] >= policy.matmul_weight_grad_min_features:
+    return lambda x, kernel, stride: conv_matmul_weight_grad(x, kernel, stride, policy)
+  if _uses_output_taps_forward(x, kernel, stride, policy):
     return conv_narrow
-  if _uses_padded(x, kernel, stride):
+  if _uses_padded(x, kernel, stride, policy):
     return conv_padded  # with XLA's gradients of the padded conv
   return conv_valid
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuConvolutions:
+  """The CPU implementation: each convolution by the fastest path its shapes take under `policy`
+  (`select`), every path equal to `conv_valid` up to float rounding. Hashable, so modules holding it
+  stay static arguments of jit."""
+  policy: CpuPolicy = CpuPolicy()
+
+  def __call__(self, x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    return select(x, kernel, stride, self.policy)(x, kernel, stride)
+
+
+def resolve(conv_impl: str, backend: str | None = None) -> str:
+  """`config.model.conv_impl` -> one of IMPLS: "auto" is "cpu" on CPUs and "xla" on GPUs and TPUs."""
+  if conv_impl != "auto":
+    return conv_impl
+  return "cpu" if (backend or jax.default_backend()) == "cpu" else "xla"
+
+
+def for_impl(conv_impl: str, policy: CpuPolicy | None = None) -> Callable:
+  """The convolution function `(x, kernel, stride) -> y` that the layers run for `conv_impl`."""
+  impl = resolve(conv_impl)
+  if impl == "xla":
+    return conv_valid
+  if impl == "cpu":
+    return CpuConvolutions(policy or CpuPolicy())
+  raise ValueError(f"conv_impl must be one of auto, {', '.join(IMPLS)}; got {conv_impl!r}")

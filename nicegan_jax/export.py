@@ -47,7 +47,7 @@ def export_translator(translator: inference.Translator, direction: str = "A2B",
     raise ValueError(f"direction must be one of {inference.DIRECTIONS}; got {direction!r}")
   platforms = check_platforms(platforms)
   model_config = ml_collections.ConfigDict(translator.config.model.to_dict())
-  model_config.conv_weight_grad = "xla"  # the portable convolutions, whatever machine exports
+  model_config.conv_impl = "xla"  # the portable convolutions, whatever machine exports
   models = models_lib.create_models(model_config)
   encoder, generator = translator.encoders[direction], translator.generators[direction]
 

@@ -3,9 +3,9 @@
 Owns: PyTorch-default initialisers, reflection padding, the convolution and linear layers with optional
 spectral normalisation (power iteration by hand, so the CAM block can read the raw weight), the ILN and
 AdaILN normalisations with softmax-parameterised mixing weights and unbiased variances, the AdaILN
-residual block and PixelShuffle with PyTorch's channel order. How a convolution is computed (XLA's own,
-or on a CPU the faster paths of `weight_grad="matmul"`) is `convolutions`; every path gives the same
-values up to float rounding.
+residual block and PixelShuffle with PyTorch's channel order. How a convolution is computed is a
+function the layers are given (`conv`, from `convolutions`: XLA's own, or the faster paths on a CPU);
+every implementation gives the same values up to float rounding.
 
 Layout is NHWC. Kernels are stored as (kh, kw, in, out) and dense weights as (in, out); the spectral-norm
 vectors keep PyTorch's layout (`u`: out, `v`: in*kh*kw flattened in (in, kh, kw) order) so that they port
@@ -15,7 +15,7 @@ one to one from a PyTorch `weight_u` / `weight_v`.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -102,10 +102,9 @@ class Conv(nn.Module):
   """Conv2d with padding 0 after an explicit reflection pad, optionally spectral-normalised.
 
   Params: `kernel` (kh, kw, in, out), `bias` (out). With `spectral_norm` the kernel is PyTorch's
-  `weight_orig` and the u/v vectors live in the `spectral` collection. `weight_grad` picks how the
-  convolution is computed (`convolutions.WEIGHT_GRADS`: XLA's own, or "matmul", the CPU setting, with
-  tap-matmul gradients and some forward passes as tap matmuls, output taps, `conv_padded`,
-  `conv_narrow` or `conv_winograd`: `convolutions.select`); it changes no value beyond rounding.
+  `weight_orig` and the u/v vectors live in the `spectral` collection. `conv` computes the convolution,
+  `(x, kernel, stride) -> y` with VALID padding: XLA's own by default, or `convolutions.CpuConvolutions`
+  (`convolutions.for_impl`); it changes no value beyond rounding.
   """
   features: int
   kernel_size: int
@@ -114,7 +113,7 @@ class Conv(nn.Module):
   use_bias: bool = True
   spectral_norm: bool = False
   dtype: Dtype = jnp.float32
-  weight_grad: str = "xla"
+  conv: Callable = convolutions.conv_valid
 
   @nn.compact
   def __call__(self, x: jax.Array, update_stats: bool = False) -> jax.Array:
@@ -128,8 +127,7 @@ class Conv(nn.Module):
       kernel = kernel / _apply_spectral_norm(self, weight_mat, update_stats)
     x = reflect_pad(x, self.pad).astype(self.dtype)
     kernel = kernel.astype(self.dtype)
-    conv = convolutions.select(x, kernel, self.stride, self.weight_grad)
-    y = conv(x, kernel, self.stride)
+    y = self.conv(x, kernel, self.stride)
     if self.use_bias:
       bias = self.param("bias", torch_bias_init(fan_in), (self.features,))
       y = y + bias.astype(self.dtype)
@@ -222,12 +220,11 @@ class ResnetAdaILNBlock(nn.Module):
   """pad, conv3x3 (no bias), AdaILN, ReLU, pad, conv3x3, AdaILN; plus the input (no activation after)."""
   dim: int
   dtype: Dtype = jnp.float32
-  weight_grad: str = "xla"
+  conv: Callable = convolutions.conv_valid
 
   @nn.compact
   def __call__(self, x: jax.Array, gamma: jax.Array, beta: jax.Array) -> jax.Array:
-    conv = lambda name: Conv(self.dim, 3, pad=1, use_bias=False, dtype=self.dtype,
-                             weight_grad=self.weight_grad, name=name)
+    conv = lambda name: Conv(self.dim, 3, pad=1, use_bias=False, dtype=self.dtype, conv=self.conv, name=name)
     out = conv("conv1")(x)
     out = nn.relu(AdaILN(name="norm1")(out, gamma, beta))
     out = conv("conv2")(out)

@@ -10,13 +10,13 @@ so the key map to PyTorch is mechanical; it is spelled out in `nicegan_jax/param
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from nicegan_jax import layers
+from nicegan_jax import convolutions, layers
 
 Dtype = Any
 
@@ -82,11 +82,11 @@ class Discriminator(nn.Module):
   ch: int = 64
   n_layers: int = 7
   dtype: Dtype = jnp.float32
-  weight_grad: str = "xla"  # convolutions.WEIGHT_GRADS: how convs are computed (convolutions.select)
+  conv: Callable = convolutions.conv_valid  # how convs are computed (convolutions.for_impl)
 
   def _sn_conv(self, features: int, stride: int, name: str, use_bias: bool = True, pad: int = 1):
     return layers.Conv(features, 4, stride=stride, pad=pad, use_bias=use_bias, spectral_norm=True,
-                       dtype=self.dtype, weight_grad=self.weight_grad, name=name)
+                       dtype=self.dtype, conv=self.conv, name=name)
 
   @nn.compact
   def __call__(self, x: jax.Array, update_stats: bool = False, encode_only: bool = False):
@@ -101,7 +101,7 @@ class Discriminator(nn.Module):
     pooled = jnp.concatenate([jnp.mean(x0_f32, axis=(1, 2)), jnp.max(x0_f32, axis=(1, 2))], axis=-1)
     cam_logit, raw_weight = layers.SpectralLinear(1, name="fc")(pooled, update_stats)
     weighted = jnp.concatenate([x0, x0], axis=-1) * raw_weight[0].astype(x0.dtype)
-    attention = layers.Conv(ch * 2, 1, use_bias=True, dtype=self.dtype, weight_grad=self.weight_grad,
+    attention = layers.Conv(ch * 2, 1, use_bias=True, dtype=self.dtype, conv=self.conv,
                             name="conv1x1")(weighted)
     lamda = self.param("lamda", nn.initializers.zeros, (1,))
     z = lrelu(lamda.astype(x0.dtype) * attention + x0)
@@ -137,13 +137,13 @@ class Generator(nn.Module):
   light: bool = True
   dtype: Dtype = jnp.float32
   remat: bool = False  # recompute the residual blocks' activations in the backward pass (saves memory)
-  weight_grad: str = "xla"  # convolutions.WEIGHT_GRADS: how convs are computed (convolutions.select)
+  conv: Callable = convolutions.conv_valid  # how convs are computed (convolutions.for_impl)
 
   @nn.compact
   def __call__(self, z: jax.Array) -> jax.Array:
     width = self.ch * 4
     conv = lambda f, k, name, bias: layers.Conv(f, k, pad=(k - 1) // 2, use_bias=bias, dtype=self.dtype,
-                                                weight_grad=self.weight_grad, name=name)
+                                                conv=self.conv, name=name)
     x = nn.relu(layers.ILN(name="UpBlock0_2")(conv(width, 3, "UpBlock0_1", True)(z)))
 
     if self.light:
@@ -157,7 +157,7 @@ class Generator(nn.Module):
 
     block = nn.remat(layers.ResnetAdaILNBlock) if self.remat else layers.ResnetAdaILNBlock
     for i in range(1, self.n_res + 1):
-      x = block(width, dtype=self.dtype, weight_grad=self.weight_grad, name=f"UpBlock1_{i}")(x, gamma, beta)
+      x = block(width, dtype=self.dtype, conv=self.conv, name=f"UpBlock1_{i}")(x, gamma, beta)
 
     for stage, half in enumerate((width // 2, width // 4)):
       base = 8 * stage
@@ -178,23 +178,15 @@ class Models(NamedTuple):
   gen2B: Generator
 
 
-def conv_weight_grad_for(setting: str, backend: str | None = None) -> str:
-  """`config.model.conv_weight_grad` -> a convolutions.WEIGHT_GRADS value: "auto" is "matmul" on CPUs (where
-  XLA's weight-gradient convolution is slow at small batches) and "xla" on GPUs and TPUs."""
-  if setting != "auto":
-    return setting
-  return "matmul" if (backend or jax.default_backend()) == "cpu" else "xla"
-
-
-def create_models(model_config) -> Models:
-  """Maps `config.model` (ch, n_res, n_dis, img_size, light, dtype, remat, conv_weight_grad) to the
-  four modules."""
+def create_models(model_config, conv: Callable | None = None) -> Models:
+  """Maps `config.model` (ch, n_res, n_dis, img_size, light, dtype, remat, conv_impl) to the four
+  modules. `conv` replaces the convolution `conv_impl` picks (a benchmark's `CpuConvolutions(policy)`)."""
   dtype = jnp.dtype(model_config.dtype)
-  weight_grad = conv_weight_grad_for(model_config.conv_weight_grad)
-  disc = Discriminator(ch=model_config.ch, n_layers=model_config.n_dis, dtype=dtype, weight_grad=weight_grad)
+  conv = conv or convolutions.for_impl(model_config.conv_impl)
+  disc = Discriminator(ch=model_config.ch, n_layers=model_config.n_dis, dtype=dtype, conv=conv)
   gen = Generator(ch=model_config.ch, n_res=model_config.n_res, img_size=model_config.img_size,
                   light=model_config.light, dtype=dtype, remat=bool(model_config.remat),
-                  weight_grad=weight_grad)
+                  conv=conv)
   return Models(disA=disc, disB=disc, gen2A=gen, gen2B=gen)
 
 

@@ -139,10 +139,19 @@ def test_url_run_folders_are_refused_not_made_into_local_folders(tmp_path, monke
 
 def test_a_saved_config_from_before_a_field_existed_loads_with_its_default():
   saved = importlib.import_module("configs.test").get_config().to_dict()
-  del saved["train"]["steps_per_dispatch"], saved["model"]["conv_weight_grad"], saved["mesh"]["model"]
+  del saved["train"]["steps_per_dispatch"], saved["model"]["conv_impl"], saved["mesh"]["model"]
   saved["model"]["ch"] = 12
   config = config_lib.with_defaults(saved)
-  assert config.train.steps_per_dispatch == 1 and config.model.conv_weight_grad == "auto"
+  assert config.train.steps_per_dispatch == 1 and config.model.conv_impl == "auto"
   assert config.mesh.model == 1 and config.model.ch == 12  # the saved values win
   with pytest.raises(config_lib.ConfigError, match="config.model.ch='twelve'"):
     config_lib.with_defaults({"model": {"ch": "twelve"}})
+
+
+@pytest.mark.parametrize("old,new", [("matmul", "cpu"), ("xla", "xla"), ("auto", "auto")])
+def test_a_config_saved_with_conv_weight_grad_loads_as_conv_impl(old, new):
+  saved = importlib.import_module("configs.test").get_config().to_dict()
+  del saved["model"]["conv_impl"]
+  saved["model"]["conv_weight_grad"] = old  # the field's name before conv_impl
+  config = config_lib.with_defaults(saved)
+  assert config.model.conv_impl == new and "conv_weight_grad" not in config.model

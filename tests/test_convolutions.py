@@ -1,13 +1,17 @@
 """The convolution algorithms (nicegan_jax/convolutions.py): each equals XLA's own convolution, with its
 gradients, and is picked only where its size rule says."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import test as test_config
-from nicegan_jax import config_lib, convolutions, layers, models as models_lib
+from nicegan_jax import config_lib, convolutions, layers
+
+POLICY = convolutions.CpuPolicy()
 
 
 @pytest.mark.parametrize("size,features_in,features,kernel,stride,pad", [
@@ -19,17 +23,18 @@ from nicegan_jax import config_lib, convolutions, layers, models as models_lib
     (12, 32, 16, 3, 1, 1), (13, 32, 32, 4, 2, 1),  # few kernel columns: the forward as output taps
     (6, 256, 16, 3, 1, 1), (8, 256, 32, 4, 2, 1),  # 256 inputs: the forward as tap matmuls too
     (31, 128, 128, 3, 1, 1)])  # a wide 3x3 conv over 2 x 16 x 16 tiles: Winograd, forward and gradients
-def test_matmul_weight_gradient_equals_xla(size, features_in, features, kernel, stride, pad):
+def test_cpu_convolutions_equal_xla_with_their_gradients(size, features_in, features, kernel, stride, pad):
   x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size, features_in))
 
-  def grads(weight_grad):
-    conv = layers.Conv(features, kernel, stride=stride, pad=pad, spectral_norm=True, weight_grad=weight_grad)
+  def grads(impl):
+    conv = layers.Conv(features, kernel, stride=stride, pad=pad, spectral_norm=True,
+                       conv=convolutions.for_impl(impl))
     variables = conv.init(jax.random.PRNGKey(1), x)
     target = jax.random.normal(jax.random.PRNGKey(2), conv.apply(variables, x).shape)
     loss = lambda p, x: jnp.sum(conv.apply({**variables, "params": p}, x) * target)
     return jax.jit(conv.apply)(variables, x), jax.jit(jax.grad(loss, argnums=(0, 1)))(variables["params"], x)
 
-  (xla_y, (xla_params, xla_x)), (mm_y, (mm_params, mm_x)) = grads("xla"), grads("matmul")
+  (xla_y, (xla_params, xla_x)), (mm_y, (mm_params, mm_x)) = grads("xla"), grads("cpu")
   np.testing.assert_allclose(mm_y, xla_y, rtol=1e-5, atol=1e-5 * float(np.abs(xla_y).max()))
   # Sums in another order: equal to float32 rounding of the largest terms (1e-5 of each array's max).
   for a, b in zip(jax.tree.leaves((mm_x, mm_params)), jax.tree.leaves((xla_x, xla_params))):
@@ -61,7 +66,7 @@ def test_output_taps_forward_for_kernels_with_few_columns(batch, size, features_
   # the matmul's result is small where `conv_padded` is the alternative.
   x = jnp.zeros((batch, size, size, features_in))
   weights = jnp.zeros((kernel, kernel, features_in, features))
-  assert convolutions._uses_output_taps_forward(x, weights, 1) == expected
+  assert convolutions._uses_output_taps_forward(x, weights, 1, POLICY) == expected
 
 
 @pytest.mark.parametrize("batch,size,features_in,kernel,stride,expected", [
@@ -73,7 +78,7 @@ def test_taps_forward_where_xla_cpu_is_slower(batch, size, features_in, kernel, 
   # From 256+ channels onto maps of at most 32x32 outputs (66 -> 32 at stride 2), whatever the batch,
   # at stride 1 only under 8x8 outputs.
   x = jnp.zeros((batch, size, size, features_in))
-  assert convolutions._uses_taps_forward(x, jnp.zeros((kernel, kernel, features_in, 64)), stride) == expected
+  assert convolutions._uses_taps_forward(x, jnp.zeros((kernel, kernel, features_in, 64)), stride, POLICY) == expected
 
 
 @pytest.mark.parametrize("size,kernel,stride", [(10, 3, 1), (13, 7, 1), (11, 4, 2), (12, 3, 3)])
@@ -94,7 +99,7 @@ def test_conv_padded_equals_xla_unpadded_conv_with_its_gradients(size, kernel, s
     (10, 3, 1, True), (9, 3, 1, False), (16, 1, 1, False), (34, 4, 2, False)])
 def test_conv_padded_for_stride_1_kernels_onto_8x8_outputs_or_more(size, kernel, stride, expected):
   x = jnp.zeros((1, size, size, 4))
-  assert convolutions._uses_padded(x, jnp.zeros((kernel, kernel, 4, 4)), stride) == expected
+  assert convolutions._uses_padded(x, jnp.zeros((kernel, kernel, 4, 4)), stride, POLICY) == expected
 
 
 @pytest.mark.parametrize("height,width", [(18, 18), (9, 12), (3, 3), (7, 8)])
@@ -129,15 +134,31 @@ def test_winograd_for_wide_3x3_stride_1_convs_over_enough_tiles(batch, size, fea
                                                                  stride, dtype, expected):
   x = jnp.zeros((batch, size, size, features_in), dtype)
   kernel_array = jnp.zeros((kernel, kernel, features_in, features), dtype)
-  assert convolutions._uses_winograd(x, kernel_array, stride) == expected
+  assert convolutions._uses_winograd(x, kernel_array, stride, POLICY) == expected
 
 
-def test_conv_weight_grad_auto_is_matmul_on_cpu_only_and_checked():
-  assert models_lib.conv_weight_grad_for("auto", "cpu") == "matmul"
-  assert models_lib.conv_weight_grad_for("auto", "gpu") == "xla"
-  assert models_lib.conv_weight_grad_for("xla", "cpu") == "xla"
+def test_conv_impl_auto_is_cpu_on_cpus_only_and_checked():
+  assert convolutions.resolve("auto", "cpu") == "cpu"
+  assert convolutions.resolve("auto", "gpu") == "xla" and convolutions.resolve("auto", "tpu") == "xla"
+  assert convolutions.resolve("xla", "cpu") == "xla"
+  assert convolutions.for_impl("xla") is convolutions.conv_valid
+  assert convolutions.for_impl("cpu") == convolutions.CpuConvolutions()  # equal, hashable: static in jit
+  assert hash(convolutions.for_impl("cpu")) == hash(convolutions.CpuConvolutions())
   config = test_config.get_config()
   config.data.path = "."
-  config.model.conv_weight_grad = "fast"
-  with pytest.raises(config_lib.ConfigError, match="model.conv_weight_grad"):
+  config.model.conv_impl = "fast"
+  with pytest.raises(config_lib.ConfigError, match="model.conv_impl"):
     config_lib.validate(config)
+
+
+def test_a_policy_switches_off_exactly_the_named_paths():
+  wide = (jnp.zeros((8, 18, 18, 256)), jnp.zeros((3, 3, 256, 256)), 1)
+  assert convolutions._uses_winograd(*wide, POLICY)
+  no_winograd = POLICY.without("winograd")
+  assert not convolutions._uses_winograd(*wide, no_winograd)
+  assert convolutions._uses_padded(*wide, no_winograd)  # the next path for it, untouched
+  assert not convolutions._uses_padded(*wide, POLICY.without("padded", "winograd"))
+  with pytest.raises(ValueError, match="unknown CPU path"):
+    POLICY.without("fast")
+  for path, fields in convolutions.CPU_PATHS.items():  # each path names fields the policy has
+    assert set(fields) <= {f.name for f in dataclasses.fields(convolutions.CpuPolicy)}, path

@@ -156,7 +156,7 @@ def test_stacked_groups_consecutive_batches():
 def test_speed_benchmark_reports_every_field(capsys, tmp_path):
   from benchmarks import speed
   argv = ["--img_size=64", "--ch=8", "--n_res=1", "--batch=2", "--steps=2", "--warmup=1",
-          "--translate_repeats=1", "--conv_weight_grad=xla", "--loop=12", "--prefetch=1",
+          "--translate_repeats=1", "--conv_impl=xla", "--loop=12", "--prefetch=1",
           f"--profile={tmp_path / 'profile'}", "--json"]  # xla: compiles faster at ch 8
   args = speed.parse(argv)
   assert speed.main(argv) == 0
@@ -173,12 +173,12 @@ def test_speed_benchmark_reports_every_field(capsys, tmp_path):
   assert set(result["translate_img_per_s"]) == {"1", "32"}
   assert result["translate_img_per_s_one_call"] > 0
   assert result["n_dis"] == 6 and result["light"] is True and result["backend"] == "cpu"
-  assert result["conv_weight_grad"] == "xla" and result["winograd"] is True
+  assert result["conv_impl"] == "xla" and result["cpu_paths_off"] == []
   # --loop: main.py's training loop on real data, 5 log intervals of 2 steps (12 // 5 rounded down)
   assert result["loop_steps"] == 10 and result["prefetch"] == 1 and result["loop_step_s"] > 0
   assert result["loop_overhead_fraction"] == pytest.approx(
       1 - result["step_s_pipelined"] / result["loop_step_s"])
-  # The launched operations: the step's convolutions among them (XLA's own, with --conv_weight_grad=xla).
+  # The launched operations: the step's convolutions among them (XLA's own, with --conv_impl=xla).
   by_opcode = result["hlo_ops_by_opcode"]
   assert result["hlo_ops_per_dispatch"] >= sum(by_opcode.values()) > 0
   assert by_opcode.get("convolution", 0) > 0 and by_opcode.get("fusion", 0) > 0
@@ -217,12 +217,12 @@ def test_opcode_reads_plain_and_tuple_shaped_instructions():
 
 def test_speed_benchmark_counts_flops_without_compiling(capsys):
   from benchmarks import speed
-  tiny = ["--img_size=64", "--ch=8", "--n_res=1", "--conv_weight_grad=xla", "--flops_only", "--json"]
+  tiny = ["--img_size=64", "--ch=8", "--n_res=1", "--conv_impl=xla", "--flops_only", "--json"]
   counts = {}
   for batch in (1, 4):
     assert speed.main([*tiny, f"--batch={batch}"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert "compile_s" not in result and result["batch"] == batch and result["conv_weight_grad"] == "xla"
+    assert "compile_s" not in result and result["batch"] == batch and result["conv_impl"] == "xla"
     counts[batch] = result["flops_per_step_traced"]
   # Everything but the parameter updates and spectral norm's power iterations scales with the batch.
   assert 3.8 < counts[4] / counts[1] <= 4
@@ -236,6 +236,8 @@ def test_speed_benchmark_counts_flops_without_compiling(capsys):
     (["--devices=-2"], "--devices=-2: use -1 (all devices) or a positive count"),
     (["--img_size=30"], "--img_size=30 / --n_dis=6: img_size=30 must be a multiple of 4"),
     (["--ch=0"], "--ch=0: must be >= 1"),
+    (["--without=winograd,fast"], "unknown path(s) fast; use some of weight_grad_taps"),
+    (["--conv_impl=xla", "--without=padded"], "--conv_impl=xla takes none"),
 ])
 def test_speed_benchmark_refuses_bad_values_by_name(argv, message, capsys):
   from benchmarks import speed
@@ -244,28 +246,28 @@ def test_speed_benchmark_refuses_bad_values_by_name(argv, message, capsys):
   assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_speed_benchmark_can_keep_convs_off_winograd(monkeypatch):
+def test_speed_benchmark_passes_a_policy_without_the_named_paths():
   from benchmarks import speed
+  conv = speed.convolutions_of(speed.parse(["--without=winograd,padded"]))
+  assert conv == convolutions.CpuConvolutions(convolutions.CpuPolicy().without("winograd", "padded"))
   wide = (jnp.zeros((8, 18, 18, 256)), jnp.zeros((3, 3, 256, 256)), 1)
-  assert convolutions._uses_winograd(*wide)
-  # Set to its own value, so that the test restores it afterwards.
-  monkeypatch.setattr(convolutions, "WINOGRAD_MIN_TILES", convolutions.WINOGRAD_MIN_TILES)
-  speed.keep_off_winograd()
-  assert not convolutions._uses_winograd(*wide)
+  assert convolutions._uses_winograd(*wide, convolutions.CpuPolicy())
+  assert not convolutions._uses_winograd(*wide, conv.policy)  # nothing global was changed
+  assert speed.convolutions_of(speed.parse([])) is None  # the config's own convolutions
 
 
 def test_speed_table_shows_each_rows_measurements_and_non_default_options():
   from benchmarks import speed_report
   base = {"img_size": 64, "ch": 64, "light": True, "batch": 8, "dtype": "float32", "remat": False,
-          "steps_per_dispatch": 1, "devices": 1, "winograd": True, "compile_s": 96.4,
+          "steps_per_dispatch": 1, "devices": 1, "cpu_paths_off": [], "compile_s": 96.4,
           "step_s_median": 4.97, "train_iter_per_s": 1 / 4.97, "train_img_per_s": 16 / 4.97,
           "step_s_pipelined": 4.9,
           "peak_mem_bytes": 5.2 * 2**30, "peak_mem_kind": "peak RSS"}
-  cpu = dict(base, backend="cpu", device="cpu", conv_weight_grad="matmul", torch_step_s_median=7.02,
+  cpu = dict(base, backend="cpu", device="cpu", conv_impl="cpu", torch_step_s_median=7.02,
              step_buffer_bytes=2.5 * 2**30, step_temp_bytes=2 * 2**30,
              speedup_vs_torch=7.02 / 4.97, translate_img_per_s={"1": 23.04, "32": 43.9})
-  cpu_slow = dict(cpu, conv_weight_grad="xla", winograd=False, speedup_vs_torch=0.74)
-  gpu = dict(base, backend="gpu", device="NVIDIA H200", conv_weight_grad="xla", remat=True,
+  cpu_slow = dict(cpu, cpu_paths_off=["padded", "winograd"], speedup_vs_torch=0.74)
+  gpu = dict(base, backend="gpu", device="NVIDIA H200", conv_impl="xla", remat=True,
              steps_per_dispatch=10, step_s_median=0.0125, peak_fraction=0.412)
   header, rule, *lines = speed_report.markdown_table([cpu, cpu_slow, gpu]).splitlines()
   assert header.count("|") == rule.count("|") == lines[0].count("|") == 17
@@ -277,7 +279,7 @@ def test_speed_table_shows_each_rows_measurements_and_non_default_options():
   assert row["translate img/s (1 / 32)"] == "23.0 / 43.9" and row["peak memory"] == "5.2 GiB (peak RSS)"
   assert row["XLA's step buffers (temporaries)"] == "2.50 GiB (2.00 GiB)"
   slow = dict(zip(columns, cells[1]))
-  assert slow["options"] == "xla conv grads, no Winograd" and slow["vs eager PyTorch"] == "0.74x (slower)"
+  assert slow["options"] == "without padded, winograd" and slow["vs eager PyTorch"] == "0.74x (slower)"
   accel = dict(zip(columns, cells[2]))
   assert accel["options"] == "remat, 10 steps/dispatch" and accel["step (median)"] == "12.5 ms"
   assert accel["% of chip peak"] == "41.2%" and accel["vs eager PyTorch"] == ""

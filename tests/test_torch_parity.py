@@ -52,7 +52,7 @@ def import_state(nice, tmp_path, step: int = 0, **config_overrides):
   path = save(nice.checkpoint(step, profiler_entries=True), tmp_path / f"x_params_{step:07d}.pt")
   base = test_config.get_config()
   base.train.batch_size = 1
-  base.model.conv_weight_grad = "matmul"  # the CPU default, which the tests' own config leaves out
+  base.model.conv_impl = "cpu"  # the CPU default, which the tests' own config leaves out
   for key, value in config_overrides.items():
     base.train[key] = value
   ckpt = convert.read_checkpoint(path)
