@@ -6,6 +6,8 @@
   python main.py --mode=evaluate --workdir=runs/demo    # the above, then FID / KIDx100 both ways
   python main.py --mode=import_torch --torch_checkpoint=cat2dog_params_latest.pt --workdir=runs/cat2dog
   python main.py --mode=export --workdir=runs/demo --output=horse2zebra.jaxexport --direction=A2B
+  python main.py --mode=export --format=onnx --workdir=runs/demo --output=horse2zebra.onnx   # .[onnx]
+  python main.py --mode=demo --workdir=runs/demo        # a page on http://127.0.0.1:7860 (.[demo])
 """
 
 import os
@@ -30,7 +32,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (see configs/); train and import_torch "
                                 "modes. Other modes read the config saved in the checkpoint.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, TensorBoard events, sample grids.")
-flags.DEFINE_enum("mode", "train", ["train", "translate", "test", "evaluate", "import_torch", "export"],
+flags.DEFINE_enum("mode", "train", ["train", "translate", "test", "evaluate", "import_torch", "export",
+                                    "demo"],
                   "train: train or resume in --workdir (Ctrl-C or SIGTERM: a checkpoint at the step "
                   "reached, then a stop). translate: translate --input into --output. "
                   "test: translate the whole test split into <workdir>/test/fakeA, fakeB. "
@@ -38,7 +41,8 @@ flags.DEFINE_enum("mode", "train", ["train", "translate", "test", "evaluate", "i
                   "to <workdir>/eval_<step>.json and TensorBoard. import_torch: convert an original "
                   "PyTorch checkpoint (--torch_checkpoint) into a checkpoint in --workdir. export: "
                   "write --direction's network, weights included, to the file --output, a program "
-                  "that runs with JAX alone (jax.export).")
+                  "that runs with JAX alone (jax.export) or, with --format=onnx, an ONNX model. "
+                  "demo: serve a page to translate uploaded images (--host, --port, --share).")
 flags.DEFINE_string("inception_weights", None, "evaluate: pytorch-fid's pt_inception-2015-12-05-*.pth "
                     "(default: the cached weights; `python -m nicegan_jax.inception --fetch`).")
 flags.DEFINE_integer("max_images", 0, "test, evaluate: only the first N images of each test split "
@@ -49,6 +53,11 @@ flags.DEFINE_string("output", None, "translate: the folder for the PNG outputs (
 flags.DEFINE_enum("direction", "A2B", list(translate_lib.DIRECTIONS), "translate, export: A2B or B2A.")
 flags.DEFINE_list("platforms", list(export_lib.PLATFORMS), "export: the platforms the program is "
                   f"compiled for, some of {', '.join(export_lib.KNOWN_PLATFORMS)}.")
+flags.DEFINE_enum("format", "jax", ["jax", "onnx"], "export: jax (a jax.export program, for "
+                  "--platforms) or onnx (an ONNX model for onnxruntime; needs pip install '.[onnx]').")
+flags.DEFINE_string("host", "127.0.0.1", "demo: the address to serve on (0.0.0.0: every interface).")
+flags.DEFINE_integer("port", 7860, "demo: the port to serve on.", lower_bound=1, upper_bound=65535)
+flags.DEFINE_bool("share", False, "demo: also serve through a public *.gradio.live link (e.g. on Colab).")
 flags.DEFINE_bool("overwrite", False, "export: replace --output if it exists (otherwise refused).")
 flags.DEFINE_bool("native", False, "translate: work at the input's own size (light models) instead of "
                   "the training size; outputs have the input's size either way.")
@@ -157,12 +166,36 @@ def run_export() -> None:
   except ValueError as e:
     raise app.UsageError(f"--platforms: {e}") from None
   translator = translate_lib.load_translator(FLAGS.workdir)
+  if FLAGS.format == "onnx":
+    model = export_lib.export_onnx(translator, FLAGS.direction)
+    path = export_lib.write_onnx(model, FLAGS.output, overwrite=FLAGS.overwrite)
+    size = translator.config.model.img_size
+    print(f"Wrote {FLAGS.direction} ({convert.describe(translator.config.model)}) to {path} "
+          f"({path.stat().st_size / 2**20:.1f} MiB): ONNX, input 'images' float32 (N, {size}, {size}, 3) "
+          f"in [-1, 1] -> output 'translated', the same. Run it with onnxruntime: "
+          f"onnxruntime.InferenceSession({str(path)!r}).run(None, {{'images': images}})[0]")
+    return
   exported = export_lib.export_translator(translator, FLAGS.direction, platforms)
   path = export_lib.write_exported(exported, FLAGS.output, overwrite=FLAGS.overwrite)
   print(f"Wrote {FLAGS.direction} ({convert.describe(translator.config.model)}) for "
         f"{', '.join(platforms)} to {path} ({path.stat().st_size / 2**20:.1f} MiB): "
         f"{exported.in_avals[0].str_short()} in [-1, 1] -> the same. Run it with JAX alone: "
         f"jax.export.deserialize(open({str(path)!r}, 'rb').read()).call(images)")
+
+
+def run_demo() -> None:
+  from nicegan_jax import demo
+  try:
+    demo.serve(FLAGS.workdir, host=FLAGS.host, port=FLAGS.port, share=FLAGS.share)
+  except ModuleNotFoundError as e:
+    if e.name != "gradio":
+      raise
+    sys.exit("error: --mode=demo needs Gradio: pip install '.[demo]' (or -r requirements-demo.txt)")
+  except OSError as e:  # the port is taken, or the address is not this machine's
+    if "port" not in str(e).lower():
+      raise
+    sys.exit(f"error: cannot serve on {FLAGS.host}:{FLAGS.port} ({' '.join(str(e).split())}); "
+             "choose another --port")
 
 
 def main(argv):
@@ -188,9 +221,11 @@ def main(argv):
       run_import_torch()
     elif FLAGS.mode == "export":
       run_export()
+    elif FLAGS.mode == "demo":
+      run_demo()
   except (config_lib.ConfigError, datasets.DataError, train.NonFiniteLossError, FileNotFoundError,
           inception.WeightsError, convert.ConversionError, checkpoints.CheckpointError,
-          translate_files.OutputError, FileExistsError) as e:
+          translate_files.OutputError, FileExistsError, export_lib.MissingExtraError) as e:
     sys.exit(f"error: {e}")  # one line, exit status 1
   except preemption.TrainingInterrupted as e:  # the shell's code for death by that signal: 130, 143
     logging.warning("%s", e)

@@ -222,6 +222,19 @@ def cycle_gan_sources(name: str, cache_dir: pathlib.Path) -> dict:
   return {split: _ImageColumn(builder.as_data_source(split)) for split in SPLITS}
 
 
+def cycle_gan_prepared(name: str, cache_dir: pathlib.Path) -> bool:
+  """Whether TFDS `cycle_gan/<name>` is already prepared under `cache_dir` (nothing is downloaded)."""
+  import tensorflow_datasets as tfds
+  tf_host.keep_tensorflow_on_host()
+  return tfds.builder(f"cycle_gan/{name}", data_dir=str(cache_dir / "tfds"),
+                      file_format="array_record").is_prepared()
+
+
+def cache_dir_of(data_config) -> pathlib.Path:
+  """Where `config.data`'s prepared datasets live: data_dir, or the default cache."""
+  return pathlib.Path(data_config.data_dir).expanduser() if data_config.data_dir else default_cache_dir()
+
+
 class _NumpyUnpickler(pickle.Unpickler):
   """Unpickles plain numpy arrays only (the Animal-MNIST files), nothing executable."""
   ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
@@ -287,7 +300,7 @@ def animal_mnist_sources(pair: str, cache_dir: pathlib.Path, size: int) -> dict:
 
 def load_domains(data_config, img_size: int) -> dict:
   """split -> random-access source of uint8 RGB images, for `config.data`."""
-  cache_dir = pathlib.Path(data_config.data_dir).expanduser() if data_config.data_dir else default_cache_dir()
+  cache_dir = cache_dir_of(data_config)
   kind, _, name = data_config.dataset.partition("/")
   if kind == "image_folder":
     return image_folder_sources(data_config.path, cache_dir, data_config.skip_bad_images)

@@ -2,8 +2,9 @@
 
 Owns: `Translator` (the config and, per direction, the source discriminator's encoder variables and the
 target generator's params), `load_translator(path)` (from a workdir or one checkpoint folder, config
-included), `translate(translator, images, direction)` with its input contract, and the jitted
-networks it runs at the work size (`translate_at_work_size`). The folder and test-split commands built
+included), `translate(translator, images, direction)` with its input contract, `attention` (where the
+source encoder looks: the CAM heatmap), and the jitted networks they run at the work size
+(`translate_at_work_size`, `attention_at_work_size`). The folder and test-split commands built
 on it are in `translate_files`.
 
 The contract of `translate`: images are (H, W, 3) or (N, H, W, 3), either uint8 in [0, 255] or floating
@@ -159,6 +160,35 @@ def translate_at_work_size(encoder, generator, images, *, models, direction):
   """[-1, 1] float32 NHWC, at the size the networks work at -> translated, in [-1, 1]."""
   disc, gen = (getattr(models, name) for name in network_names(direction))
   return jnp.clip(models_lib.decode(gen, generator, models_lib.encode(disc, encoder, images)), -1.0, 1.0)
+
+
+@functools.partial(jax.jit, static_argnames=("models", "direction"))
+def attention_at_work_size(encoder, images, *, models, direction):
+  """[-1, 1] float32 NHWC -> (N, h, w, 1): the channel sum of the source encoder's code z (the CAM
+  heatmap of the sample grids), scaled to [0, 1] per image."""
+  disc = getattr(models, network_names(direction)[0])
+  heatmap = jnp.sum(models_lib.encode(disc, encoder, images).astype(jnp.float32), axis=-1, keepdims=True)
+  lo = heatmap.min(axis=(1, 2, 3), keepdims=True)
+  hi = heatmap.max(axis=(1, 2, 3), keepdims=True)
+  return (heatmap - lo) / jnp.maximum(hi - lo, 1e-12)
+
+
+def attention(translator: Translator, images, direction: str = "A2B") -> np.ndarray:
+  """Where the source discriminator's encoder attends, for one image (H, W, 3) or a batch (N, H, W, 3)
+  under `translate`'s input contract: float32 (H, W) or (N, H, W) in [0, 1], at the input's size (the
+  encoder's map at a quarter of the work size, resized bilinearly on the host)."""
+  if direction not in DIRECTIONS:
+    raise ValueError(f"direction must be one of {DIRECTIONS}; got {direction!r}")
+  batch, single = check_images(images)
+  size = translator.config.model.img_size
+  x = resize_images(batch if batch.dtype == np.uint8 else batch.astype(np.float32), (size, size))
+  x = input_pipeline.to_unit_range(x) if batch.dtype == np.uint8 else x
+  run = lambda chunk: np.asarray(attention_at_work_size(
+      translator.encoders[direction], jnp.asarray(chunk), models=translator.models, direction=direction))
+  maps = np.concatenate([run(chunk)[:n] for chunk, n in input_pipeline.padded_chunks(
+      x, chunk_size(jax.default_backend()))])
+  maps = np.clip(resize_images(maps, batch.shape[1:3])[..., 0], 0.0, 1.0)
+  return maps[0] if single else maps
 
 
 def translate(translator: Translator, images, direction: str = "A2B", *, native: bool = False):

@@ -21,6 +21,12 @@ from nicegan_jax import convolutions, layers
 Dtype = Any
 
 
+def leaky_relu(x: jax.Array, negative_slope: float) -> jax.Array:
+  """`jax.nn.leaky_relu`'s formula, inline: the same values and gradients, but no jitted call of
+  jax.nn's, which the ONNX converter (jax2onnx 0.13) cannot lower."""
+  return jnp.where(x >= 0, x, negative_slope * x)
+
+
 class DiscriminatorOutput(NamedTuple):
   """What a discriminator returns, in the original's order."""
   local_logits: jax.Array  # (B, 30, 30, 1) at 256 input: the 70x70 PatchGAN head (`conv0`)
@@ -91,7 +97,7 @@ class Discriminator(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, update_stats: bool = False, encode_only: bool = False):
     ch, n = self.ch, self.n_layers
-    lrelu = lambda t: nn.leaky_relu(t, 0.2)
+    lrelu = lambda t: leaky_relu(t, 0.2)
     x = lrelu(self._sn_conv(ch, 2, "model_1")(x, update_stats))
     x0 = lrelu(self._sn_conv(ch * 2, 2, "model_4")(x, update_stats))
 

@@ -1,7 +1,8 @@
 """Sample grids like the original's: rows real, CAM heatmap, reconstruction, translation, cycle.
 
 Owns: the inference-mode forward that produces every row (`sample_rows`), the JET rendering of
-heatmaps and the grid assembly (`direction_grid`). Pure functions; writing files is the loop's job.
+heatmaps (`render_heatmap`; `overlay_attention` draws one over its image, as the demo shows it) and
+the grid assembly (`direction_grid`). Pure functions; writing files is the loop's job.
 """
 
 from __future__ import annotations
@@ -50,6 +51,12 @@ def to_uint8(images) -> np.ndarray:
   """[-1, 1] floats (clipped there) -> uint8 [0, 255], rounded as every output of the library is
   (`input_pipeline.from_unit_range`)."""
   return input_pipeline.from_unit_range(np.clip(np.array(images, np.float32), -1.0, 1.0))
+
+
+def overlay_attention(image: np.ndarray, attention: np.ndarray, opacity: float = 0.5) -> np.ndarray:
+  """An (H, W, 3) uint8 image under its (H, W) attention map in [0, 1] drawn in JET at `opacity`."""
+  colours = to_uint8(np.asarray(jet(jnp.asarray(attention, jnp.float32))) * 2.0 - 1.0).astype(np.float32)
+  return np.rint((1.0 - opacity) * image.astype(np.float32) + opacity * colours).astype(np.uint8)
 
 
 def direction_grid(rows: list) -> np.ndarray:

@@ -80,6 +80,8 @@ def test_notebook_trains_shows_evaluates_translates_and_resumes(executed):
   text, _ = outputs_of(cell("nicegan_export.export_translator"))
   assert "A2B.jaxexport" in text and "for cpu, cuda, tpu" in text
   assert "float32[batch,64,64,3] -> (1, 64, 64, 3)" in text and (workdir / "A2B.jaxexport").is_file()
+  text, _ = outputs_of(cell("demo.serve(WORKDIR"))
+  assert "demo page: http://127.0.0.1:" in text  # served on a local port (a share link on Colab only)
   text, _ = outputs_of(cell("config.train.num_steps += RESUME_STEPS"))
   assert "resumed and trained to step 30" in text
   assert (workdir / "checkpoints" / "30").is_dir() and (workdir / "samples" / "A2B_0000020.png").is_file()

@@ -25,7 +25,8 @@ def requirement_lines(path: pathlib.Path) -> list[str]:
 def wheel(tmp_path_factory) -> pathlib.Path:
   out = tmp_path_factory.mktemp("wheel")
   source = tmp_path_factory.mktemp("source")  # setuptools writes build/ and *.egg-info beside the source
-  for name in ("pyproject.toml", "README.md", "requirements.txt"):
+  for name in ("pyproject.toml", "README.md", "requirements.txt", "requirements-demo.txt",
+               "requirements-onnx.txt"):
     shutil.copy(ROOT / name, source / name)
   for package in PACKAGES:
     shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
@@ -46,7 +47,11 @@ def test_wheel_holds_every_module_and_pins_the_requirements(wheel):
   assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
   pins = [line.removeprefix("Requires-Dist: ") for line in metadata.splitlines()
           if line.startswith("Requires-Dist: ")]
-  assert pins == requirement_lines(ROOT / "requirements.txt")
+  assert [p for p in pins if "; extra ==" not in p] == requirement_lines(ROOT / "requirements.txt")
+  for extra in ("demo", "onnx"):  # pip install '.[demo]', '.[onnx]'
+    assert f"Provides-Extra: {extra}" in metadata
+    assert [p.split(";")[0].strip() for p in pins if f'extra == "{extra}"' in p] == requirement_lines(
+        ROOT / f"requirements-{extra}.txt")
 
 
 def test_installed_library_translates_a_checkpoint_outside_the_checkout(wheel, tmp_path):
@@ -130,11 +135,12 @@ def test_the_compilation_cache_serves_a_second_process_with_requirements_txt_alo
   from packaging.utils import canonicalize_name
   closure = distribution_closure(requirement_lines(ROOT / "requirements.txt"))
   assert "filelock" in closure and "jax" in closure
-  blocked = set()
+  blocked, kept = set(), set()
   for distribution in md.distributions():
-    if canonicalize_name(distribution.metadata["Name"]) not in closure:
-      blocked |= top_level_modules(distribution)
-  blocked -= {"nicegan_jax", "configs", "main", "", "__pycache__"}
+    inside = canonicalize_name(distribution.metadata["Name"]) in closure
+    (kept if inside else blocked).update(top_level_modules(distribution))
+  # A namespace shared with an installed extra (orbax: orbax-checkpoint's and orbax-export's) stays.
+  blocked -= kept | {"nicegan_jax", "configs", "main", "", "__pycache__"}
   assert "torch" in blocked or "torch" not in {d.metadata["Name"] for d in md.distributions()}
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
   env.pop("JAX_COMPILATION_CACHE_DIR", None)
