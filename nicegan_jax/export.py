@@ -28,6 +28,7 @@ opaque `XlaCallModule` op (its graph mode is gone), which tf2onnx cannot convert
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import pathlib
@@ -90,19 +91,12 @@ def export_translator(translator: inference.Translator, direction: str = "A2B",
 def network_function(translator: inference.Translator, direction: str):
   """`images -> translated` of `direction` with the weights closed over and XLA's own convolutions
   (the portable ones), unjitted: what both exports trace."""
-  if direction not in inference.DIRECTIONS:
-    raise ValueError(f"direction must be one of {inference.DIRECTIONS}; got {direction!r}")
+  inference.check_direction(direction)
   model_config = ml_collections.ConfigDict(translator.config.model.to_dict())
   model_config.conv_impl = "xla"  # the portable convolutions, whatever machine exports
-  models = models_lib.create_models(model_config)
-  disc, gen = (getattr(models, name) for name in inference.network_names(direction))
-  encoder, generator = translator.encoders[direction], translator.generators[direction]
-
-  def translate(images):
-    z = models_lib.encode(disc, encoder, images)
-    return jnp.clip(models_lib.decode(gen, generator, z), -1.0, 1.0)
-
-  return translate
+  return functools.partial(inference.translate_network, translator.encoders[direction],
+                           translator.generators[direction], models=models_lib.create_models(model_config),
+                           direction=direction)
 
 
 def export_onnx(translator: inference.Translator, direction: str = "A2B"):

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from nicegan_jax import checkpoints, config_lib, input_pipeline
+from nicegan_jax import checkpoints, config_lib, input_pipeline, visualize
 from nicegan_jax import models as models_lib
 from nicegan_jax import train_state as train_state_lib
 
@@ -155,11 +155,14 @@ def resize_images(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
                              for c in range(image.shape[-1])], axis=-1) for image in images])
 
 
-@functools.partial(jax.jit, static_argnames=("models", "direction"))
-def translate_at_work_size(encoder, generator, images, *, models, direction):
-  """[-1, 1] float32 NHWC, at the size the networks work at -> translated, in [-1, 1]."""
+def translate_network(encoder, generator, images, *, models, direction):
+  """[-1, 1] float32 NHWC, at the size the networks work at -> translated, in [-1, 1]: the source
+  encoder, then the target generator (unjitted: what the exports trace)."""
   disc, gen = (getattr(models, name) for name in network_names(direction))
   return jnp.clip(models_lib.decode(gen, generator, models_lib.encode(disc, encoder, images)), -1.0, 1.0)
+
+
+translate_at_work_size = jax.jit(translate_network, static_argnames=("models", "direction"))
 
 
 @functools.partial(jax.jit, static_argnames=("models", "direction"))
@@ -168,25 +171,35 @@ def attention_at_work_size(encoder, images, *, models, direction):
   heatmap of the sample grids), scaled to [0, 1] per image."""
   disc = getattr(models, network_names(direction)[0])
   heatmap = jnp.sum(models_lib.encode(disc, encoder, images).astype(jnp.float32), axis=-1, keepdims=True)
-  lo = heatmap.min(axis=(1, 2, 3), keepdims=True)
-  hi = heatmap.max(axis=(1, 2, 3), keepdims=True)
-  return (heatmap - lo) / jnp.maximum(hi - lo, 1e-12)
+  return visualize.scale_per_image(heatmap)
+
+
+def check_direction(direction: str) -> None:
+  if direction not in DIRECTIONS:
+    raise ValueError(f"direction must be one of {DIRECTIONS}; got {direction!r}")
+
+
+def run_at_work_size(network, batch: np.ndarray, work_size: tuple[int, int]) -> np.ndarray:
+  """`network` ([-1, 1] float32 NHWC at `work_size` -> NHWC) over a checked batch (`check_images`):
+  resized to the work size on the host (uint8 as training resizes it, then scaled to [-1, 1]) and run
+  `chunk_size` images at a time. Returns the network's outputs at the work size, a new array."""
+  x = resize_images(batch if batch.dtype == np.uint8 else batch.astype(np.float32), work_size)
+  x = input_pipeline.to_unit_range(x) if batch.dtype == np.uint8 else x
+  run = lambda chunk: np.asarray(network(jnp.asarray(chunk)))
+  return np.concatenate([run(chunk)[:n] for chunk, n in input_pipeline.padded_chunks(
+      x, chunk_size(jax.default_backend()))])
 
 
 def attention(translator: Translator, images, direction: str = "A2B") -> np.ndarray:
   """Where the source discriminator's encoder attends, for one image (H, W, 3) or a batch (N, H, W, 3)
   under `translate`'s input contract: float32 (H, W) or (N, H, W) in [0, 1], at the input's size (the
   encoder's map at a quarter of the work size, resized bilinearly on the host)."""
-  if direction not in DIRECTIONS:
-    raise ValueError(f"direction must be one of {DIRECTIONS}; got {direction!r}")
+  check_direction(direction)
   batch, single = check_images(images)
   size = translator.config.model.img_size
-  x = resize_images(batch if batch.dtype == np.uint8 else batch.astype(np.float32), (size, size))
-  x = input_pipeline.to_unit_range(x) if batch.dtype == np.uint8 else x
-  run = lambda chunk: np.asarray(attention_at_work_size(
-      translator.encoders[direction], jnp.asarray(chunk), models=translator.models, direction=direction))
-  maps = np.concatenate([run(chunk)[:n] for chunk, n in input_pipeline.padded_chunks(
-      x, chunk_size(jax.default_backend()))])
+  maps = run_at_work_size(functools.partial(attention_at_work_size, translator.encoders[direction],
+                                            models=translator.models, direction=direction),
+                          batch, (size, size))
   maps = np.clip(resize_images(maps, batch.shape[1:3])[..., 0], 0.0, 1.0)
   return maps[0] if single else maps
 
@@ -200,20 +213,16 @@ def translate(translator: Translator, images, direction: str = "A2B", *, native:
   `native` (light models only) translates at the input's size rounded up to a multiple of 4 instead of
   at the training size.
   """
-  if direction not in DIRECTIONS:
-    raise ValueError(f"direction must be one of {DIRECTIONS}; got {direction!r}")
+  check_direction(direction)
   check_native(translator, native)
   batch, single = check_images(images)
   dtype = batch.dtype
   input_size = batch.shape[1:3]
   work_size = translation_size(*input_size, translator.config.model.img_size, native)
-  x = resize_images(batch if dtype == np.uint8 else batch.astype(np.float32), work_size)
-  x = input_pipeline.to_unit_range(x) if dtype == np.uint8 else x  # uint8 is resized as training does
-  run = lambda chunk: np.asarray(translate_at_work_size(
-      translator.encoders[direction], translator.generators[direction], jnp.asarray(chunk),
-      models=translator.models, direction=direction))
-  y = np.concatenate([run(chunk)[:n] for chunk, n in input_pipeline.padded_chunks(
-      x, chunk_size(jax.default_backend()))])
+  network = functools.partial(translate_at_work_size, translator.encoders[direction],
+                              translator.generators[direction], models=translator.models,
+                              direction=direction)
+  y = run_at_work_size(network, batch, work_size)
   y = resize_images(y, input_size)  # a new array either way (concatenated or resized): ours to change
   np.clip(y, -1.0, 1.0, out=y)
   y = input_pipeline.from_unit_range(y) if dtype == np.uint8 else y.astype(dtype)

@@ -21,11 +21,16 @@ def jet(x: jax.Array) -> jax.Array:
   return jnp.stack([jnp.clip(1.5 - jnp.abs(4 * x - c), 0.0, 1.0) for c in (3.0, 2.0, 1.0)], axis=-1)
 
 
-def render_heatmap(heatmap: jax.Array, size: int) -> jax.Array:
-  """(B, h, w, 1) channel sums -> (B, size, size, 3) in [-1, 1]: per-image min-max, bilinear, JET."""
+def scale_per_image(heatmap: jax.Array) -> jax.Array:
+  """(B, h, w, 1) -> the same, each image's values mapped onto [0, 1] (min-max)."""
   lo = heatmap.min(axis=(1, 2, 3), keepdims=True)
   hi = heatmap.max(axis=(1, 2, 3), keepdims=True)
-  norm = (heatmap - lo) / jnp.maximum(hi - lo, 1e-12)
+  return (heatmap - lo) / jnp.maximum(hi - lo, 1e-12)
+
+
+def render_heatmap(heatmap: jax.Array, size: int) -> jax.Array:
+  """(B, h, w, 1) channel sums -> (B, size, size, 3) in [-1, 1]: per-image min-max, bilinear, JET."""
+  norm = scale_per_image(heatmap)
   norm = jax.image.resize(norm, (norm.shape[0], size, size, 1), "bilinear")
   return jet(norm[..., 0]) * 2.0 - 1.0
 
