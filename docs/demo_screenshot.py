@@ -9,42 +9,29 @@ translation and saves a screenshot of the page.
 
 import argparse
 import pathlib
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+sys.path.insert(0, str(ROOT / "tests"))
+import demo_browser  # noqa: E402  (the same server start and Chromium flags as the browser tests)
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--out", default=str(ROOT / "docs" / "demo.png"))
-  parser.add_argument("--chromium", default="/usr/bin/chromium")
+  parser.add_argument("--chromium", default=demo_browser.CHROMIUM)
   args = parser.parse_args()
   from playwright.sync_api import sync_playwright
 
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  server = subprocess.Popen([sys.executable, "main.py", "--mode=demo", f"--workdir={args.workdir}",
-                             f"--port={port}"], cwd=ROOT)
-  url = f"http://127.0.0.1:{port}/"
+  log = pathlib.Path(args.out).with_suffix(".server.log")
   try:
-    for _ in range(300):
-      try:
-        urllib.request.urlopen(url, timeout=5).read()
-        break
-      except OSError:
-        if server.poll() is not None:
-          sys.exit("the demo did not start")
-        time.sleep(1)
+    server, url = demo_browser.start_demo(args.workdir, log, timeout_s=300)
+  except RuntimeError as e:
+    sys.exit(str(e))
+  try:
     with sync_playwright() as playwright:
-      browser = playwright.chromium.launch(executable_path=args.chromium, args=CHROMIUM_FLAGS)
+      browser = playwright.chromium.launch(executable_path=args.chromium, args=demo_browser.CHROMIUM_FLAGS)
       page = browser.new_page(viewport={"width": 1280, "height": 900})
       page.goto(url, wait_until="networkidle")
       page.locator("#samples button").first.click()
@@ -57,8 +44,8 @@ def main() -> None:
       browser.close()
     print(f"Wrote {args.out}")
   finally:
-    server.terminate()
-    server.wait(timeout=30)
+    demo_browser.stop_demo(server)
+    log.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,9 @@ downloaded at run time. They skip, saying why, where Chromium, Playwright or Gra
 
 import os
 import pathlib
-import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 
@@ -21,12 +18,10 @@ import pytest
 from PIL import Image
 
 from configs import test as test_config
+import demo_browser
 from conftest import ROOT, write_tiny_checkpoint
 from nicegan_jax import demo, inference, visualize
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 def make_image(path: pathlib.Path, seed: int, size=(70, 50)) -> pathlib.Path:
@@ -146,48 +141,27 @@ def test_samples_are_read_without_downloading_or_preparing(translator, tmp_path)
 # The real page, in headless Chromium.
 
 
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(workdir, tmp_path_factory):
-  """`python main.py --mode=demo` on a free port; its URL once it answers."""
+  """`python main.py --mode=demo` on a free port: (URL, process, log) once it answers."""
   pytest.importorskip("gradio", reason="the demo extra is not installed (pip install '.[demo]')")
-  port = free_port()
   log = tmp_path_factory.mktemp("server") / "server.log"
-  with open(log, "w") as out:
-    process = subprocess.Popen([sys.executable, "main.py", "--mode=demo", f"--workdir={workdir}",
-                                f"--port={port}"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                               env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
-  url = f"http://127.0.0.1:{port}/"
-  deadline = time.monotonic() + 240
-  while True:
-    try:
-      urllib.request.urlopen(url, timeout=5).read()
-      break
-    except OSError:
-      if process.poll() is not None or time.monotonic() > deadline:
-        process.kill()
-        pytest.fail(f"the demo did not start:\n{log.read_text()[-3000:]}")
-      time.sleep(1)
-  yield url, process, log
-  process.send_signal(signal.SIGINT)
   try:
-    process.wait(timeout=30)
-  except subprocess.TimeoutExpired:
-    process.kill()
+    process, url = demo_browser.start_demo(workdir, log)
+  except RuntimeError as e:
+    pytest.fail(str(e))
+  yield url, process, log
+  demo_browser.stop_demo(process)
 
 
 @pytest.fixture(scope="module")
 def browser():
-  if not os.path.exists(CHROMIUM):
-    pytest.skip(f"no Chromium at {CHROMIUM} (Debian: apt-get install chromium)")
+  if not os.path.exists(demo_browser.CHROMIUM):
+    pytest.skip(f"no Chromium at {demo_browser.CHROMIUM} (Debian: apt-get install chromium)")
   sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed")
   with sync_api.sync_playwright() as playwright:
-    chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+    chromium = playwright.chromium.launch(executable_path=demo_browser.CHROMIUM, headless=True,
+                                         args=demo_browser.CHROMIUM_FLAGS)
     yield chromium
     chromium.close()
 
