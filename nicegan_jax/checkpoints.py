@@ -21,10 +21,12 @@ What can go wrong when reading, and what happens:
   checkpoint's own files (a permission error, a full disk, out of memory), stop at once with
   `CheckpointError` and move nothing: only damage may set a checkpoint aside.
 
-A failed restore leaves TensorStore reads in flight whose completion callbacks post to Orbax's event
-loop after it has closed, and asyncio reports each abandoned read; both print tracebacks (hundreds for a
-real model) that say nothing the warning does not. Reading first installs filters that drop exactly
-those and pass everything else on.
+A failed restore abandons Orbax's other reads: TensorStore's completion callbacks post to Orbax's
+event loop after it has closed, asyncio reports each read it never awaited, and each read coroutine,
+when the garbage collector closes it unfinished, raises from its `GeneratorExit`. All three print
+tracebacks (hundreds for a real model, whenever the collector runs: possibly much later) that say
+nothing the warning does not. Reading first installs filters that drop exactly those and pass
+everything else on.
 """
 
 from __future__ import annotations
@@ -90,18 +92,38 @@ def is_orphaned_restore_callback(unraisable) -> bool:
   return any(frame.name == "call_soon_threadsafe" for frame in traceback.extract_tb(unraisable.exc_traceback))
 
 
+def raised_in_orbax(error: BaseException | None) -> bool:
+  """Whether `error`, or an exception it was raised from, passed through Orbax's code."""
+  return error is not None and any(
+      "/orbax/" in frame.filename.replace("\\", "/")
+      for link in _chain(error) for frame in traceback.extract_tb(link.__traceback__))
+
+
 class AbandonedOrbaxReads(logging.Filter):
   """Drops asyncio's "exception was never retrieved" reports of Orbax reads abandoned by a failed
-  restore (the failure itself is reported once, by the reader)."""
+  restore (the failure itself is reported once, by the reader). The message alone may not name Orbax
+  (a TensorStore error names the file), so the exception's traceback decides."""
 
   def filter(self, record):
     message = record.getMessage()
-    return not ("exception was never retrieved" in message and "orbax" in message)
+    if "exception was never retrieved" not in message:
+      return True
+    error = record.exc_info[1] if record.exc_info else None
+    return not ("orbax" in message or raised_in_orbax(error))
+
+
+def is_abandoned_read_coroutine(unraisable) -> bool:
+  """Whether an unraisable exception is an Orbax read coroutine of a failed restore, closed unfinished
+  by the garbage collector: Orbax re-raises the `GeneratorExit` closing it as an Exception."""
+  code = getattr(unraisable.object, "cr_code", None)
+  return (code is not None and "/orbax/" in code.co_filename.replace("\\", "/")
+          and isinstance(unraisable.exc_value.__cause__, GeneratorExit))
 
 
 def drop_orphaned_restore_callbacks() -> None:
-  """Wraps the current `sys.unraisablehook` so it ignores `is_orphaned_restore_callback` exceptions,
-  and filters `AbandonedOrbaxReads` out of asyncio's log (idempotent)."""
+  """Wraps the current `sys.unraisablehook` so it ignores `is_orphaned_restore_callback` and
+  `is_abandoned_read_coroutine` exceptions, and filters `AbandonedOrbaxReads` out of asyncio's log
+  (idempotent)."""
   asyncio_log = logging.getLogger("asyncio")
   if not any(isinstance(f, AbandonedOrbaxReads) for f in asyncio_log.filters):
     asyncio_log.addFilter(AbandonedOrbaxReads())
@@ -110,7 +132,7 @@ def drop_orphaned_restore_callbacks() -> None:
     return
 
   def hook(unraisable):
-    if not is_orphaned_restore_callback(unraisable):
+    if not (is_orphaned_restore_callback(unraisable) or is_abandoned_read_coroutine(unraisable)):
       passed_on(unraisable)
 
   hook.drops_orphaned_restore_callbacks = True

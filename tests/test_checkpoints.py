@@ -4,6 +4,7 @@ no run starts over from step 0 on top of checkpoints, and every mode reads them 
 import asyncio
 import errno
 import gc
+import logging
 import os
 import pathlib
 import shutil
@@ -85,11 +86,16 @@ def assert_state_equal(restored, reference):
 # --------------------------------------------------------------------------------- what is damage
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_each_kind_of_damage_is_recognised_and_training_restores_the_older_checkpoint(
-    pristine, run, damage, caplog):
+    pristine, run, damage, caplog, monkeypatch):
   DAMAGE[damage](run / "checkpoints" / "4")
+  unraisable_seen = []
+  monkeypatch.setattr(sys, "unraisablehook", unraisable_seen.append)
   ckpt = checkpoints.Checkpointer(run / "checkpoints")
   state, step = ckpt.restore_latest(abstract_state(), model=pristine[1].model.to_dict())
   ckpt.close()
+  gc.collect()  # the reads the failed restore abandoned: dropped, even when collected later
+  assert [repr(u.exc_value)[:200] for u in unraisable_seen] == []
+  assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
   assert step == 2
   assert_state_equal(state, pristine[2])
   moved = [n for n in names(run) if n.startswith("unreadable-4-")]
@@ -219,19 +225,64 @@ def unraisable(exc: BaseException, obj=None):
                                err_msg=None, object=obj)
 
 
-def test_the_filter_drops_only_callbacks_posted_to_a_closed_loop(monkeypatch):
+def closed_coroutine_error(cause: BaseException) -> Exception:
+  """An exception raised, as Orbax's read coroutines raise it, from the exception closing one."""
+  error = Exception("Encountered error while reading array index")
+  error.__cause__ = cause
+  return error
+
+
+def coroutine_of(filename: str):
+  """Stands for a coroutine object whose code is in `filename` (what the filter looks at)."""
+  return types.SimpleNamespace(cr_code=types.SimpleNamespace(co_filename=filename))
+
+
+def test_the_filter_drops_only_callbacks_posted_to_a_closed_loop_and_closed_orbax_reads(monkeypatch):
   seen = []
   monkeypatch.setattr(sys, "unraisablehook", seen.append)
   checkpoints.drop_orphaned_restore_callbacks()
   checkpoints.drop_orphaned_restore_callbacks()  # a second call does not wrap the wrapper
   hook = sys.unraisablehook
   assert hook is not seen.append and hook.drops_orphaned_restore_callbacks
-  orphaned = unraisable(closed_loop_error())
+  orbax_file = "/site-packages/orbax/checkpoint/_src/serialization/serialization.py"
+  dropped = [unraisable(closed_loop_error()),
+             unraisable(closed_coroutine_error(GeneratorExit()), obj=coroutine_of(orbax_file))]
   others = [unraisable(closed_loop_error(), obj="a generator"),
-            unraisable(RuntimeError("Event loop is closed")), unraisable(ValueError("something else"))]
-  for args in [orphaned, *others]:
+            unraisable(RuntimeError("Event loop is closed")), unraisable(ValueError("something else")),
+            unraisable(closed_coroutine_error(GeneratorExit()), obj=coroutine_of("/site-packages/mine.py")),
+            unraisable(closed_coroutine_error(ValueError("a real bug")), obj=coroutine_of(orbax_file))]
+  for args in [*dropped, *others]:
     hook(args)
   assert seen == others
+
+
+def raised_from(filename: str) -> Exception:
+  """An exception whose traceback runs through code in `filename`."""
+  namespace = {}
+  exec(compile("def read():\n  raise ValueError('NOT_FOUND: Error reading a shard')\n", filename, "exec"),
+       namespace)
+  try:
+    namespace["read"]()
+  except ValueError as e:
+    return e
+  raise AssertionError("read() returned")
+
+
+def test_asyncios_reports_of_abandoned_orbax_reads_are_dropped_and_nothing_else():
+  def record(message, error):
+    exc_info = (type(error), error, error.__traceback__) if error else None
+    return logging.LogRecord("asyncio", logging.ERROR, "base_events.py", 1, message, None, exc_info)
+
+  orbax_error = raised_from("/site-packages/orbax/checkpoint/_src/serialization/serialization.py")
+  wrapped = Exception("Encountered error while reading array index")
+  wrapped.__cause__ = orbax_error  # as Orbax re-raises TensorStore's error
+  never = "_GatheringFuture exception was never retrieved\nfuture: <_GatheringFuture finished>"
+  quiet = checkpoints.AbandonedOrbaxReads()
+  assert not quiet.filter(record(never, orbax_error))
+  assert not quiet.filter(record(never, wrapped))
+  assert quiet.filter(record(never, raised_from("/home/me/my_code.py")))
+  assert quiet.filter(record(never, None))
+  assert quiet.filter(record("Unclosed client session", orbax_error))
 
 
 def test_falling_back_past_a_damaged_checkpoint_reports_it_once(tmp_path, monkeypatch, caplog):
