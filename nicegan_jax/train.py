@@ -20,13 +20,13 @@ import json
 import logging
 import pathlib
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-from clu import metric_writers, parameter_overview, periodic_actions
+from clu import parameter_overview
 from PIL import Image
 
 from nicegan_jax import checkpoints, config_lib, datasets, input_pipeline, sharding, step as step_lib
@@ -34,6 +34,9 @@ from nicegan_jax import preemption, tf_host
 from nicegan_jax import train_state as train_state_lib
 from nicegan_jax import visualize
 from nicegan_jax.models import Models, create_models
+
+if TYPE_CHECKING:
+  from clu import metric_writers
 
 
 COMPILE_BARRIER_TIMEOUT_S = 3600  # how long processes wait for each other to compile the step
@@ -196,6 +199,9 @@ def profile_window(start: int, num_steps: int, per_dispatch: int,
 def create_writer(workdir) -> metric_writers.MetricWriter:
   """TensorBoard events, written by process 0 only. The console gets one progress line per log step
   (`progress_actions`), not every scalar."""
+  # clu's writers and periodic actions import TensorFlow (seconds): only commands that write events
+  # load them, not a translate, an export or a config error.
+  from clu import metric_writers
   if jax.process_index() > 0:
     return metric_writers.MultiWriter([])
   tf_host.keep_tensorflow_on_host()  # clu writes the events with TensorFlow
@@ -210,6 +216,7 @@ def progress_actions(config, start: int, writer, workdir: pathlib.Path):
   `hook(step, state)` after every dispatch, runs clu's Profile over the `train.profile_steps` steps of
   `profile_window`, waiting for the last traced step's work before the trace ends.
   """
+  from clu import periodic_actions  # with TensorFlow, as create_writer's
   t = config.train
   log_steps = [s for s in range(start + 1, t.num_steps + 1) if is_due(s, t.log_every_steps, t.num_steps)]
   report = periodic_actions.ReportProgress(num_train_steps=t.num_steps, writer=writer, every_secs=None,

@@ -42,6 +42,21 @@ def pytest_sessionfinish(session):
   gc.freeze()
 
 
+def normal(seed: int, shape):
+  """Standard-normal float32 test data (a jax.Array), drawn by NumPy: `jax.random.normal` compiles a program for every
+  new shape (most of a second each here), and the tests draw dozens of shapes."""
+  import jax.numpy as jnp
+  import numpy as np
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, dtype=np.float32))
+
+
+def uniform(seed: int, shape, low: float = -1.0, high: float = 1.0):
+  """Uniform float32 test data in [low, high), drawn by NumPy (see `normal`)."""
+  import jax.numpy as jnp
+  import numpy as np
+  return jnp.asarray(np.random.default_rng(seed).uniform(low, high, shape).astype(np.float32))
+
+
 def image_size_and_mode(path) -> tuple[tuple[int, int], str]:
   """An image file's (width, height) and mode, with the file closed again."""
   from PIL import Image

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
+from conftest import normal
 from nicegan_jax import config_lib, convolutions, layers
 
 POLICY = convolutions.CpuPolicy()
@@ -24,13 +25,13 @@ POLICY = convolutions.CpuPolicy()
     (6, 256, 16, 3, 1, 1), (8, 256, 32, 4, 2, 1),  # 256 inputs: the forward as tap matmuls too
     (31, 128, 128, 3, 1, 1)])  # a wide 3x3 conv over 2 x 16 x 16 tiles: Winograd, forward and gradients
 def test_cpu_convolutions_equal_xla_with_their_gradients(size, features_in, features, kernel, stride, pad):
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size, features_in))
+  x = normal(0, (2, size, size, features_in))
 
   def grads(impl):
     conv = layers.Conv(features, kernel, stride=stride, pad=pad, spectral_norm=True,
                        conv=convolutions.for_impl(impl))
-    variables = conv.init(jax.random.PRNGKey(1), x)
-    target = jax.random.normal(jax.random.PRNGKey(2), conv.apply(variables, x).shape)
+    variables = jax.jit(conv.init)(jax.random.PRNGKey(1), x)
+    target = normal(2, conv.apply(variables, x).shape)
     loss = lambda p, x: jnp.sum(conv.apply({**variables, "params": p}, x) * target)
     return jax.jit(conv.apply)(variables, x), jax.jit(jax.grad(loss, argnums=(0, 1)))(variables["params"], x)
 
@@ -44,10 +45,10 @@ def test_cpu_convolutions_equal_xla_with_their_gradients(size, features_in, feat
 @pytest.mark.parametrize("size,kernel,stride", [(13, 7, 1), (12, 4, 2), (9, 3, 3)])
 def test_conv_narrow_equals_xla_with_its_gradients(size, kernel, stride):
   # The shifted sums must pick every tap's outputs at the strided positions, and the gradients are XLA's.
-  x = jax.random.normal(jax.random.PRNGKey(0), (3, size, size, 8))
-  w = jax.random.normal(jax.random.PRNGKey(1), (kernel, kernel, 8, 3))
+  x = normal(0, (3, size, size, 8))
+  w = normal(1, (kernel, kernel, 8, 3))
   y = convolutions.conv_valid(x, w, stride)
-  dy = jax.random.normal(jax.random.PRNGKey(2), y.shape)
+  dy = normal(2, y.shape)
   narrow_y, narrow_vjp = jax.vjp(lambda x, w: convolutions.conv_narrow(x, w, stride), x, w)
   _, xla_vjp = jax.vjp(lambda x, w: convolutions.conv_valid(x, w, stride), x, w)
   np.testing.assert_allclose(narrow_y, y, rtol=1e-5, atol=1e-5 * float(np.abs(y).max()))
@@ -84,13 +85,13 @@ def test_taps_forward_where_xla_cpu_is_slower(batch, size, features_in, kernel, 
 @pytest.mark.parametrize("size,kernel,stride", [(10, 3, 1), (13, 7, 1), (11, 4, 2), (12, 3, 3)])
 def test_conv_padded_equals_xla_unpadded_conv_with_its_gradients(size, kernel, stride):
   # The zero row below the input must only ever reach the dropped output row.
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size + 1, 5))
-  w = jax.random.normal(jax.random.PRNGKey(1), (kernel, kernel, 5, 6))
+  x = normal(0, (2, size, size + 1, 5))
+  w = normal(1, (kernel, kernel, 5, 6))
   y, valid_vjp = jax.vjp(lambda x, w: convolutions.conv_valid(x, w, stride), x, w)
   padded_y, padded_vjp = jax.vjp(lambda x, w: convolutions.conv_padded(x, w, stride), x, w)
   assert padded_y.shape == y.shape
   np.testing.assert_allclose(padded_y, y, rtol=1e-6, atol=1e-6 * float(np.abs(y).max()))
-  dy = jax.random.normal(jax.random.PRNGKey(2), y.shape)
+  dy = normal(2, y.shape)
   for a, b in zip(padded_vjp(dy), valid_vjp(dy)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * float(np.abs(b).max()))
 
@@ -106,14 +107,14 @@ def test_conv_padded_for_stride_1_kernels_onto_8x8_outputs_or_more(size, kernel,
 def test_conv_winograd_equals_xla_conv_with_its_gradients(height, width):
   # Even and odd output sizes (an odd one runs on one zero row or column more, whose outputs are dropped);
   # every tile position and both gradients, against XLA's convolution.
-  x = jax.random.normal(jax.random.PRNGKey(0), (3, height, width, 6))
-  w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 6, 5))
+  x = normal(0, (3, height, width, 6))
+  w = normal(1, (3, 3, 6, 5))
   y, xla_vjp = jax.vjp(lambda x, w: convolutions.conv_valid(x, w, 1), x, w)
   winograd_y, winograd_vjp = jax.vjp(convolutions.conv_winograd, x, w)
   assert winograd_y.shape == y.shape
   # The transforms add up to 4 terms twice over: float32 rounding of a few times each array's max.
   np.testing.assert_allclose(winograd_y, y, rtol=1e-5, atol=1e-6 * float(np.abs(y).max()))
-  dy = jax.random.normal(jax.random.PRNGKey(2), y.shape)
+  dy = normal(2, y.shape)
   for a, b in zip(winograd_vjp(dy), xla_vjp(dy)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.abs(b).max()))
 

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import normal
 from nicegan_jax import layers
 
 
@@ -26,7 +27,7 @@ def numpy_iln(x, rho_logits, eps=1e-5):
 
 
 def test_iln_matches_numpy_with_unbiased_variance():
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 6, 4)) * 3 + 1
+  x = normal(0, (2, 5, 6, 4)) * 3 + 1
   variables = layers.ILN().init(jax.random.PRNGKey(1), x)
   rho = np.array([[0.3, -1.0], [2.0, 0.5], [1.0, 3.2], [0.0, 0.0]], np.float32)
   gamma = np.array([1.0, 2.0, -0.5, 0.1], np.float32)
@@ -55,7 +56,7 @@ def test_iln_and_adailn_rho_init():
 
 
 def test_adailn_uses_per_sample_gamma_beta():
-  x = jax.random.normal(jax.random.PRNGKey(2), (2, 4, 3, 5))
+  x = normal(2, (2, 4, 3, 5))
   rho = np.random.default_rng(0).normal(size=(5, 2)).astype(np.float32)
   gamma = np.random.default_rng(1).normal(size=(2, 5)).astype(np.float32)
   beta = np.random.default_rng(2).normal(size=(2, 5)).astype(np.float32)
@@ -95,7 +96,7 @@ def numpy_power_iteration(w, u, v):
 
 
 def test_spectral_conv_matches_pytorch_power_iteration():
-  x = jax.random.normal(jax.random.PRNGKey(0), (1, 6, 6, 3))
+  x = normal(0, (1, 6, 6, 3))
   conv = layers.Conv(4, 4, stride=2, pad=1, spectral_norm=True)
   variables = conv.init(jax.random.PRNGKey(1), x)
   kernel = np.asarray(variables["params"]["kernel"], np.float64)
@@ -127,7 +128,7 @@ def test_spectral_norm_converges_to_the_largest_singular_value():
 
 
 def test_spectral_gradient_flows_through_sigma_only_via_the_weight():
-  w = jax.random.normal(jax.random.PRNGKey(0), (3, 4))
+  w = normal(0, (3, 4))
   u, v = jnp.ones(3) / jnp.sqrt(3.0), jnp.ones(4) / 2.0
 
   def f(w):

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import normal, uniform
 from nicegan_jax import layers, models, param_map
 
 
@@ -76,8 +77,8 @@ def test_feature_sizes_agree_with_the_network():
 @pytest.fixture(scope="module")
 def tiny_disc():
   disc = models.Discriminator(ch=8, n_layers=6)
-  x = jax.random.uniform(jax.random.PRNGKey(3), (2, 64, 64, 3), minval=-1, maxval=1)
-  variables = flax.core.unfreeze(disc.init(jax.random.PRNGKey(4), x))
+  x = uniform(3, (2, 64, 64, 3))
+  variables = flax.core.unfreeze(jax.jit(disc.init)(jax.random.PRNGKey(4), x))
   variables["params"]["lamda"] = jnp.ones((1,))  # switch the attention branch on
   variables["params"]["fc"]["kernel"] = variables["params"]["fc"]["kernel"] * 7.0  # sigma far from 1
   return disc, variables, x
@@ -122,8 +123,8 @@ def test_training_mode_advances_every_spectral_vector_and_inference_none(tiny_di
 @pytest.mark.parametrize("light", [True, False])
 def test_generator_output_in_range(light):
   gen = models.Generator(ch=4, n_res=2, img_size=32, light=light)
-  z = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 8)) * 5
-  params = gen.init(jax.random.PRNGKey(1), z)
+  z = normal(0, (2, 8, 8, 8)) * 5
+  params = jax.jit(gen.init)(jax.random.PRNGKey(1), z)
   img = gen.apply(params, z)
   assert img.shape == (2, 32, 32, 3)
   assert float(jnp.abs(img).max()) <= 1.0 and float(img.std()) > 0
@@ -133,8 +134,8 @@ def test_generator_output_in_range(light):
 
 def test_full_generator_flattens_in_pytorch_chw_order():
   gen = models.Generator(ch=2, n_res=1, img_size=8, light=False)
-  z = jax.random.normal(jax.random.PRNGKey(0), (1, 2, 2, 4))
-  params = flax.core.unfreeze(gen.init(jax.random.PRNGKey(1), z))
+  z = normal(0, (1, 2, 2, 4))
+  params = flax.core.unfreeze(jax.jit(gen.init)(jax.random.PRNGKey(1), z))
   # Make FC_0 read a single input row: only feature index k of the flattened vector matters.
   x = layers.ILN().apply({"params": params["params"]["UpBlock0_2"]},
                          layers.Conv(8, 3, pad=1).apply({"params": params["params"]["UpBlock0_1"]}, z))

@@ -8,15 +8,14 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
+from conftest import uniform
 from nicegan_jax import models as models_lib
 from nicegan_jax import sharding, step, train_state
 
 
 def random_batch(seed, batch_size, img_size):
-  ka, kb = jax.random.split(jax.random.PRNGKey(seed))
   shape = (batch_size, img_size, img_size, 3)
-  return {"A": jax.random.uniform(ka, shape, minval=-1, maxval=1),
-          "B": jax.random.uniform(kb, shape, minval=-1, maxval=1)}
+  return {"A": uniform(2 * seed, shape), "B": uniform(2 * seed + 1, shape)}
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ import logging
 
 import pytest
 import tensorflow as tf
+from clu import metric_writers
 
 from nicegan_jax import datasets, tf_host, train
 
@@ -48,9 +49,9 @@ def test_writers_and_tfds_preparation_hide_the_gpus_first(monkeypatch, tmp_path)
   monkeypatch.setattr(tf_host, "keep_tensorflow_on_host", lambda: events.append("hidden"))
   def summary_writer(logdir):
     events.append("writer")
-    return train.metric_writers.MultiWriter([])
+    return metric_writers.MultiWriter([])
 
-  monkeypatch.setattr(train.metric_writers, "SummaryWriter", summary_writer)
+  monkeypatch.setattr(metric_writers, "SummaryWriter", summary_writer)  # create_writer imports it when called
   train.create_writer(tmp_path).close()
   assert events == ["hidden", "writer"]
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from configs import test as test_config
-from conftest import ROOT, SHARED_DATA, image_size_and_mode, write_tiny_checkpoint
+from conftest import ROOT, SHARED_DATA, image_size_and_mode, uniform, write_tiny_checkpoint
 from nicegan_jax import input_pipeline, models, translate_files
 from nicegan_jax import inference as translate_lib
 
@@ -63,7 +63,7 @@ def test_load_accepts_a_relative_workdir(workdir, monkeypatch):
 
 def test_translate_equals_the_train_time_forward(workdir, translator):
   _, config, nets, state = workdir
-  x = jax.random.uniform(jax.random.PRNGKey(5), (2, 64, 64, 3), minval=-1, maxval=1)
+  x = uniform(5, (2, 64, 64, 3))
   for direction, disc, gen in (("A2B", "disA", "gen2B"), ("B2A", "disB", "gen2A")):
     z = models.encode(getattr(nets, disc), {"params": state.disc_params[disc],
                                             "spectral": state.spectral[disc]}, x)
@@ -333,3 +333,18 @@ def test_the_library_imports_without_the_training_input_pipeline_packages():
           "print('ok', nicegan_jax.translate.__name__)")
   result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert result.returncode == 0 and "ok translate" in result.stdout, result.stderr[-2000:]
+
+
+def test_the_command_loads_tensorflow_only_to_write_events():
+  # clu's writers bring TensorFlow (seconds at every start); translate, test, export, import and a config
+  # error never write events, so main.py and the training module import without it.
+  code = ("import sys\n"
+          "import main\n"
+          "from nicegan_jax import train\n"
+          "print('tensorflow' in sys.modules)\n"
+          "train.progress_actions  # still reachable\n"
+          "from clu import metric_writers\n"
+          "print('tensorflow' in sys.modules)")
+  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.split() == ["False", "True"]
