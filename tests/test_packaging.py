@@ -9,7 +9,7 @@ import zipfile
 
 import pytest
 
-from conftest import ROOT, write_tiny_checkpoint
+from conftest import ROOT, SLOWEST_FIRST, write_tiny_checkpoint
 
 pytest.importorskip("setuptools", reason="building the wheel needs setuptools (requirements-test.txt)")
 
@@ -150,3 +150,8 @@ def test_the_compilation_cache_serves_a_second_process_with_requirements_txt_alo
     assert result.returncode == 0, result.stderr[-3000:]
     assert "filelock" not in result.stderr and "persistent compilation cache" not in result.stderr
   assert int(runs[0].stdout) == 0 and int(runs[1].stdout) >= 1  # every program of the first, from the cache
+
+
+def test_the_suites_slowest_first_order_names_test_files_that_exist():
+  test_files = {p.name for p in (ROOT / "tests").glob("test_*.py")}
+  assert set(SLOWEST_FIRST) <= test_files and len(set(SLOWEST_FIRST)) == len(SLOWEST_FIRST)
