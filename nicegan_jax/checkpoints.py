@@ -92,11 +92,15 @@ def is_orphaned_restore_callback(unraisable) -> bool:
   return any(frame.name == "call_soon_threadsafe" for frame in traceback.extract_tb(unraisable.exc_traceback))
 
 
+def is_orbax_file(filename: str) -> bool:
+  """Whether a source file belongs to Orbax."""
+  return "/orbax/" in filename.replace("\\", "/")
+
+
 def raised_in_orbax(error: BaseException | None) -> bool:
   """Whether `error`, or an exception it was raised from, passed through Orbax's code."""
-  return error is not None and any(
-      "/orbax/" in frame.filename.replace("\\", "/")
-      for link in _chain(error) for frame in traceback.extract_tb(link.__traceback__))
+  return error is not None and any(is_orbax_file(frame.filename) for link in _chain(error)
+                                   for frame in traceback.extract_tb(link.__traceback__))
 
 
 class AbandonedOrbaxReads(logging.Filter):
@@ -116,7 +120,7 @@ def is_abandoned_read_coroutine(unraisable) -> bool:
   """Whether an unraisable exception is an Orbax read coroutine of a failed restore, closed unfinished
   by the garbage collector: Orbax re-raises the `GeneratorExit` closing it as an Exception."""
   code = getattr(unraisable.object, "cr_code", None)
-  return (code is not None and "/orbax/" in code.co_filename.replace("\\", "/")
+  return (code is not None and is_orbax_file(code.co_filename)
           and isinstance(unraisable.exc_value.__cause__, GeneratorExit))
 
 
@@ -144,7 +148,7 @@ class QuietOrbaxInfo(logging.Filter):
   errors only. Entry points add it to their log handler."""
 
   def filter(self, record):
-    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+    return record.levelno >= logging.WARNING or not is_orbax_file(record.pathname)
 
 
 # -------------------------------------------------------------------------- what a failure means

@@ -59,8 +59,8 @@ def pytest_sessionfinish(session):
 
 
 def normal(seed: int, shape):
-  """Standard-normal float32 test data (a jax.Array), drawn by NumPy: `jax.random.normal` compiles a program for every
-  new shape (most of a second each here), and the tests draw dozens of shapes."""
+  """Standard-normal float32 test data (a jax.Array), drawn by NumPy: `jax.random.normal` compiles a
+  program for every new shape (most of a second each here), and the tests draw dozens of shapes."""
   import jax.numpy as jnp
   import numpy as np
   return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, dtype=np.float32))
