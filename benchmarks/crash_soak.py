@@ -2,8 +2,9 @@
 
   python -m benchmarks.crash_soak --kills=20 --out=/tmp/soak     # about 8 minutes on 2 CPU cores
 
-A reference run trains the tiny test model (configs/test.py, 64x64, random images) to
-`--num_steps` with a checkpoint after every step, uninterrupted. The soak run is the same command,
+A reference run trains the tiny test model (configs/test.py, 64x64, random images, with the original's
+learning rate decay over the second half) to `--num_steps` with a checkpoint after every step,
+uninterrupted. The soak run is the same command,
 killed with SIGKILL `--kills` times and restarted after each kill, then left to finish. Each kill
 lands at a random moment: once the run has reported a step drawn at random at least two after the
 one it resumed from (within its share of the steps left), after a further random fraction of a step's
@@ -52,7 +53,8 @@ def train_command(workdir: pathlib.Path, data: pathlib.Path, cache: pathlib.Path
   return [sys.executable, "main.py", "--config=configs/test.py", f"--workdir={workdir}",
           f"--config.data.path={data}", f"--config.data.data_dir={cache}",
           f"--config.train.num_steps={num_steps}", "--config.train.checkpoint_every_steps=1",
-          "--config.train.log_every_steps=1", "--config.train.sample_every_steps=0"]
+          "--config.train.log_every_steps=1", "--config.train.sample_every_steps=0",
+          "--config.optimizer.decay_flag=True"]  # the lr decays over the second half: resumes must follow
 
 
 class Run:

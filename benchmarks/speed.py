@@ -59,6 +59,9 @@ def make_config(args):
   if args.prefetch is not None:
     t.prefetch = args.prefetch
   t.num_steps = 1_000_000
+  # A constant learning rate: the schedule is a few scalar operations whatever its shape, and without the
+  # decay the step does not depend on num_steps, so --loop's short run reuses the timed step's program.
+  config.optimizer.decay_flag = False
   config.mesh.data = args.devices
   return config
 

@@ -14,6 +14,11 @@ def get_config():
   # only pay off at real widths. The CPU paths keep their own tests: equality with XLA's convolution and
   # its gradients (test_convolutions.py) and training against PyTorch (test_torch_parity.py).
   config.model.conv_impl = "xla"
+  # A constant learning rate: the compiled step then does not depend on train.num_steps, so runs of any
+  # length share one program. The decaying schedule keeps its own tests: the numbers worked out in
+  # test_train_state.py, training against PyTorch across the decay's start (test_torch_parity.py) and
+  # resume under SIGKILL (benchmarks/crash_soak.py).
+  config.optimizer.decay_flag = False
   config.train.num_steps = 4
   config.train.batch_size = 2
   config.train.log_every_steps = 2

@@ -2,6 +2,7 @@
 Chromium flags for this machine's closed network. Used by tests/test_demo.py and docs/demo_screenshot.py.
 """
 
+import contextlib
 import os
 import pathlib
 import shutil
@@ -25,11 +26,26 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def sigint_not_ignored():
+  """SIGINT with its default action while a child is started inside (restored after): a suite started
+  in the background (`cmd &`) ignores it, a child inherits that, and stop_demo's Ctrl-C would then only
+  end the demo at the kill 30 s later."""
+  ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+  if ignored:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+  try:
+    yield
+  finally:
+    if ignored:
+      signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def start_demo(workdir, log: pathlib.Path, timeout_s: float = 240) -> tuple[subprocess.Popen, str]:
   """`python main.py --mode=demo --workdir=...` on a free port, its output in `log`; (process, URL)
   once the page answers. RuntimeError with the log's end if it exits or does not answer in time."""
   port = free_port()
-  with open(log, "w") as out:
+  with open(log, "w") as out, sigint_not_ignored():
     process = subprocess.Popen([sys.executable, "main.py", "--mode=demo", f"--workdir={workdir}",
                                 f"--port={port}"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})

@@ -38,7 +38,6 @@ def test_remat_changes_neither_outputs_nor_gradients():
 
 def tiny_config(**train):
   config = test_config.get_config()
-  config.train.num_steps = 100
   for key, value in train.items():
     config.train[key] = value
   return config

@@ -21,7 +21,6 @@ def random_batch(seed, batch_size, img_size):
 @pytest.fixture(scope="module")
 def setup():
   config = test_config.get_config()
-  config.train.num_steps = 100  # keep the lr constant over the few steps run here
   config.optimizer.disc_lr_scale = 2.0  # D's own rate (the default 1 is the torch parity test's)
   models = models_lib.create_models(config.model)
   # Placed as the jitted step wants it: a differently-placed argument would compile the step again.

@@ -53,6 +53,7 @@ def import_state(nice, tmp_path, step: int = 0, **config_overrides):
   base = test_config.get_config()
   base.train.batch_size = 1
   base.model.conv_impl = "cpu"  # the CPU default, which the tests' own config leaves out
+  base.optimizer.decay_flag = True  # the original's schedule, which the tests' own config leaves out
   for key, value in config_overrides.items():
     base.train[key] = value
   ckpt = convert.read_checkpoint(path)

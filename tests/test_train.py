@@ -16,7 +16,7 @@ from PIL import Image
 
 from configs import test as test_config
 from conftest import ROOT, image_size_and_mode
-from nicegan_jax import checkpoints, step as step_lib, train
+from nicegan_jax import checkpoints, input_pipeline, step as step_lib, train
 
 
 def make_dataset(root: pathlib.Path) -> pathlib.Path:
@@ -145,22 +145,22 @@ def test_restore_onto_the_same_state_round_trips(dataset, tmp_path, uninterrupte
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(dataset, tmp_path,
                                                                          monkeypatch):
-  make_step = step_lib.make_train_step
+  """One NaN pixel in step 3's batch turns the real step's losses NaN: the run stops at the next log
+  step, before the checkpoint of step 4 is written, and names the first bad step."""
+  make_batches = input_pipeline.train_batches
 
-  def step_that_fails_at_3(config, models):
-    inner = make_step(config, models)
+  def batches_with_a_nan_pixel_at_step_3(*args, start_step=0, **kwargs):
+    for step, batch in enumerate(make_batches(*args, start_step=start_step, **kwargs), start_step + 1):
+      if step == 3:
+        batch = dict(batch, B=batch["B"].copy())
+        batch["B"][0, 0, 0, 0] = np.nan
+      yield batch
 
-    def wrapped(state, batch):
-      state, metrics = inner(state, batch)
-      metrics = dict(metrics, **{"G/cycle_B": jnp.where(state.step >= 3, jnp.nan, metrics["G/cycle_B"])})
-      return state, metrics
-
-    return wrapped
-
-  monkeypatch.setattr(step_lib, "make_train_step", step_that_fails_at_3)
+  monkeypatch.setattr(input_pipeline, "train_batches", batches_with_a_nan_pixel_at_step_3)
   config = tiny_config(dataset, tmp_path)
   config.train.log_every_steps = 4  # the check still runs before the checkpoint at step 4
-  with pytest.raises(train.NonFiniteLossError, match=r"G/cycle_B at step 3.*last good checkpoint is step 2"):
+  with pytest.raises(train.NonFiniteLossError,
+                     match=r"non-finite loss term [DG]/\w+ at step 3 .*last good checkpoint is step 2"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["2"]
 
