@@ -4,8 +4,9 @@ Owns: `Checkpointer` (training: async Orbax saves, keep the last K, restore the 
 checkpoint), `restore_for_inference` (the config and a part of the state, from a workdir or one
 checkpoint folder, for translate, test, evaluate and export), the same-model check, and `local_path`
 (run folders are local paths). Each checkpoint `<workdir>/checkpoints/<step>/` holds the whole
-`TrainState` (step, params, spectral-norm vectors, both optimiser states, rng) and the resolved config
-as JSON.
+`TrainState` (step, params, spectral-norm vectors, both optimiser states) and the resolved config
+as JSON. Checkpoints of older versions, whose state also held an unused `rng` key, restore as well:
+fields the state no longer has are left unread.
 
 What can go wrong when reading, and what happens:
 
@@ -259,6 +260,11 @@ def read_step(step_dir: pathlib.Path, state_args: Callable[[dict], Any] | None =
       return config, None
     args = state_args(config)
     state = checkpointer.restore(step_dir, args=ocp.args.Composite(**{STATE: args}))[STATE]
+    missing = unrestored_fields(state)
+    if missing:  # a partial restore leaves what the checkpoint lacks as its placeholder: never train on it
+      raise CheckpointError(f"the checkpoint {step_dir} holds no {', '.join(missing)} (not written by this "
+                            "program, or by a version with another state); nothing was moved: use another "
+                            "--workdir")
     return config, state
   except (CheckpointError, DamagedCheckpoint):
     raise
@@ -323,6 +329,22 @@ def is_checkpoint_folder(path: pathlib.Path) -> bool:
   return (path / STATE).is_dir()
 
 
+def unrestored_fields(state) -> list[str]:
+  """The state's fields (its top-level names) with leaves still `jax.ShapeDtypeStruct` placeholders after
+  a partial restore: what the checkpoint did not hold."""
+  first = lambda path: str(getattr(path[0], "name", getattr(path[0], "key", path[0])))
+  return sorted({first(path) for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
+                 if isinstance(leaf, jax.ShapeDtypeStruct)})
+
+
+def restore_args_of(abstract) -> ocp.args.PyTreeRestore:
+  """Orbax's arguments to restore `abstract` (ShapeDtypeStructs carrying their shardings) out of a saved
+  state that may hold more: a part of it, or the whole state of a version with fields since dropped."""
+  restore_args = jax.tree.map(
+      lambda x: ocp.ArrayRestoreArgs(restore_type=jax.Array, dtype=x.dtype, sharding=x.sharding), abstract)
+  return ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=True)
+
+
 def restore_for_inference(path, wanted: Callable[[dict], Any]) -> tuple[dict, Any, int]:
   """(config dict, restored part of the state, step) for translation: from a workdir (its newest
   readable checkpoint; damaged newer ones are skipped with a warning, and nothing is moved), its
@@ -336,9 +358,8 @@ def restore_for_inference(path, wanted: Callable[[dict], Any]) -> tuple[dict, An
 
   def state_args(config):
     tree = wanted(config)
-    restore_args = jax.tree.map(
-        lambda x: ocp.ArrayRestoreArgs(restore_type=jax.Array, dtype=x.dtype, sharding=device), tree)
-    return ocp.args.PyTreeRestore(item=tree, restore_args=restore_args, partial_restore=True)
+    return restore_args_of(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                                        tree))
 
   if is_checkpoint_folder(path):
     try:
@@ -387,7 +408,7 @@ class Checkpointer:
     def state_args(config):
       if model is not None:
         check_same_model(config, model, self.directory)
-      return ocp.args.StandardRestore(abstract_state)
+      return restore_args_of(abstract_state)
 
     _, state, step = restore_newest(self.directory, state_args, set_aside_damaged=jax.process_index() == 0)
     self._manager.reload()

@@ -275,10 +275,9 @@ def build_train_state(ckpt: dict, config, models: models_lib.Models, *,
                                             disc_params)
     g_opt, d_opt = _with_adam(g_opt, g_mu, g_nu, g_count), _with_adam(d_opt, d_mu, d_nu, d_count)
     step = step_number(ckpt.get("start_iter", g_count), "start_iter")
-  rng = jax.random.split(jax.random.PRNGKey(config.train.seed))[1]  # as create_train_state
   return train_state_lib.TrainState(
       step=jnp.asarray(step, jnp.int32), gen_params=_as_jax(gen_params), disc_params=_as_jax(disc_params),
-      spectral=_as_jax(spectral), g_opt_state=g_opt, d_opt_state=d_opt, rng=rng)
+      spectral=_as_jax(spectral), g_opt_state=g_opt, d_opt_state=d_opt)
 
 
 def import_config(ckpt: dict, base_config: ml_collections.ConfigDict | None = None):

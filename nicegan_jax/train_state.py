@@ -1,7 +1,7 @@
 """The training state pytree, the two optimisers and the learning-rate schedule.
 
 Owns: `TrainState` (step, the four networks' params, the discriminators' spectral-norm vectors, the G and
-D optimiser states, rng), `learning_rate` (a pure function of the step), `create_optimizer` (coupled L2
+D optimiser states), `learning_rate` (a pure function of the step), `create_optimizer` (coupled L2
 weight decay then Adam, as PyTorch's `Adam(weight_decay=...)`, not AdamW) and `create_train_state`.
 
 Ownership is the decoupled-training rule: the G optimiser owns gen2A and gen2B; the D optimiser owns
@@ -31,7 +31,6 @@ class TrainState(flax.struct.PyTreeNode):
   spectral: dict[str, Any]  # {"disA": ..., "disB": ...}: power-iteration vectors u, v
   g_opt_state: optax.OptState
   d_opt_state: optax.OptState
-  rng: jax.Array  # raw uint32 key data, folded with the step where randomness is needed
 
   def disc_variables(self, name: str) -> dict[str, Any]:
     """Variables of one discriminator as `Discriminator.apply` wants them."""
@@ -107,11 +106,13 @@ def create_train_state(config, rng: jax.Array, models: models_lib.Models | None 
   g_tx, d_tx = optimizers(config)
 
   def init(rng):
-    init_rng, state_rng = jax.random.split(rng)
+    # The second key was once kept in the state, never read, and dropped; the split stays so that a seed
+    # gives the same weights as it always has.
+    init_rng, _ = jax.random.split(rng)
     gen_params, disc_params, spectral = init_network_variables(models, config.model.img_size, init_rng)
     return TrainState(step=jnp.zeros((), jnp.int32), gen_params=gen_params, disc_params=disc_params,
                       spectral=spectral, g_opt_state=g_tx.init(gen_params),
-                      d_opt_state=d_tx.init(disc_params), rng=state_rng)
+                      d_opt_state=d_tx.init(disc_params))
 
   return jax.jit(init, out_shardings=out_shardings)(rng)
 

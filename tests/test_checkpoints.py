@@ -13,6 +13,7 @@ import sys
 import time
 import types
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,6 +103,57 @@ def test_each_kind_of_damage_is_recognised_and_training_restores_the_older_check
   assert len(moved) == 1 and names(run) == ["2", moved[0]]
   warnings = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
   assert len(warnings) == 1 and "step 4" in warnings[0]
+
+
+class StateWithRng(flax.struct.PyTreeNode):
+  """TrainState as earlier versions saved it: the same fields and an unused PRNG key."""
+  step: jax.Array
+  gen_params: dict
+  disc_params: dict
+  spectral: dict
+  g_opt_state: object
+  d_opt_state: object
+  rng: jax.Array
+
+
+def test_a_checkpoint_of_an_earlier_version_with_an_rng_key_restores_and_resumes(pristine, tmp_path):
+  config, state2 = pristine[1], pristine[2]
+  old = StateWithRng(**{f: getattr(state2, f) for f in train_state.TrainState.__dataclass_fields__},
+                     rng=jax.random.key_data(jax.random.PRNGKey(5)))
+  writer = checkpoints.Checkpointer(tmp_path / "run" / "checkpoints", async_save=False)
+  writer.save(2, old, config.to_dict())
+  writer.close()
+  assert "rng" in (tmp_path / "run" / "checkpoints" / "2" / "state" / "_METADATA").read_text()
+  ckpt = checkpoints.Checkpointer(tmp_path / "run" / "checkpoints")
+  state, step = ckpt.restore_latest(abstract_state(), model=config.model.to_dict())
+  ckpt.close()
+  assert step == 2 and isinstance(state, train_state.TrainState)
+  assert_state_equal(state, state2)
+  translator = inference.load_translator(tmp_path / "run")
+  assert translator.step == 2
+
+
+def test_a_checkpoint_missing_a_field_of_the_state_is_not_restored_with_a_gap(pristine, tmp_path):
+  """Restoring tolerates fields the state no longer has, never fields it has that were not saved."""
+  config, state2 = pristine[1], pristine[2]
+  partial = {f: getattr(state2, f) for f in train_state.TrainState.__dataclass_fields__ if f != "d_opt_state"}
+  writer = checkpoints.Checkpointer(tmp_path / "checkpoints", async_save=False)
+  writer.save(2, partial, config.to_dict())
+  writer.close()
+  ckpt = checkpoints.Checkpointer(tmp_path / "checkpoints")
+  with pytest.raises(checkpoints.CheckpointError, match=r"/2 holds no d_opt_state \(not written by this "
+                     r"program.*nothing was moved"):
+    ckpt.restore_latest(abstract_state(), model=config.model.to_dict())
+  ckpt.close()
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
+  # Translation restores only the generators' weights (and the discriminators', for the encoders).
+  no_generators = {f: getattr(state2, f) for f in train_state.TrainState.__dataclass_fields__
+                   if f != "gen_params"}
+  writer = checkpoints.Checkpointer(tmp_path / "inference" / "checkpoints", async_save=False)
+  writer.save(3, no_generators, config.to_dict())
+  writer.close()
+  with pytest.raises(checkpoints.CheckpointError, match=r"/3 holds no gen_params \(not written by this"):
+    inference.load_translator(tmp_path / "inference")
 
 
 @pytest.mark.parametrize("error", [
