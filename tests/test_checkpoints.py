@@ -116,10 +116,10 @@ class StateWithRng(flax.struct.PyTreeNode):
   rng: jax.Array
 
 
-def test_a_checkpoint_of_an_earlier_version_with_an_rng_key_restores_and_resumes(pristine, tmp_path):
+def test_a_checkpoint_of_an_earlier_version_with_an_rng_key_restores_for_training_and_translation(pristine, tmp_path):
   config, state2 = pristine[1], pristine[2]
   old = StateWithRng(**{f: getattr(state2, f) for f in train_state.TrainState.__dataclass_fields__},
-                     rng=jax.random.key_data(jax.random.PRNGKey(5)))
+                     rng=jax.random.split(jax.random.PRNGKey(5))[1])  # as create_train_state kept it
   writer = checkpoints.Checkpointer(tmp_path / "run" / "checkpoints", async_save=False)
   writer.save(2, old, config.to_dict())
   writer.close()
