@@ -4,14 +4,13 @@
 
 A reference run trains the tiny test model (configs/test.py, 64x64, random images, with the original's
 learning rate decay over the second half) to `--num_steps` with a checkpoint after every step,
-uninterrupted. The soak run is the same command,
-killed with SIGKILL `--kills` times and restarted after each kill, then left to finish. Each kill
-lands at a random moment: once the run has reported a step drawn at random at least two after the
-one it resumed from (within its share of the steps left), after a further random fraction of a step's
-time, so it hits a step in flight or one of the asynchronous checkpoint writes, and most restarts
-resume from a checkpoint the killed run wrote. It passes when the soak run ends with every array of
-its final state bit-identical to the reference's, no restart found a damaged checkpoint, and no run
-started over from step 0.
+uninterrupted. The soak run is the same command, killed with SIGKILL `--kills` times and restarted after
+each kill, then left to finish. Each kill lands at a random moment: once the run has reported a step
+drawn at random at least two after the one it resumed from (within its share of the steps left), after a
+further random fraction of a step's time, so it hits a step in flight or one of the asynchronous
+checkpoint writes, and most restarts resume from a checkpoint the killed run wrote. It passes when the
+soak run ends with every array of its final state bit-identical to the reference's, no restart found a
+damaged checkpoint, and no run started over from step 0.
 
 Prints one JSON line: kills, how many landed while a checkpoint was being written, the steps each
 restart resumed from, and the verdict.
