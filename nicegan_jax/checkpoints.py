@@ -104,17 +104,31 @@ def raised_in_orbax(error: BaseException | None) -> bool:
                                    for frame in traceback.extract_tb(link.__traceback__))
 
 
+# The checkpoint folders a restore has started reading and not finished reading successfully: a read
+# abandoned by a failed restore may be reported while the failure unwinds, or much later.
+_UNFINISHED_READS: set[str] = set()
+
+
+def names_an_unfinished_read(text: str) -> bool:
+  """Whether `text` (a TensorStore error) names a file inside a folder in `_UNFINISHED_READS`."""
+  return any(folder + "/" in text for folder in _UNFINISHED_READS)
+
+
 class AbandonedOrbaxReads(logging.Filter):
   """Drops asyncio's "exception was never retrieved" reports of Orbax reads abandoned by a failed
   restore (the failure itself is reported once, by the reader). The message alone may not name Orbax
-  (a TensorStore error names the file), so the exception's traceback decides."""
+  (a TensorStore error names the file), so the exception decides: its traceback passed through Orbax,
+  or, for a TensorStore future failed outside Python (no traceback at all), it names a file of a
+  checkpoint whose restore failed."""
 
   def filter(self, record):
     message = record.getMessage()
     if "exception was never retrieved" not in message:
       return True
     error = record.exc_info[1] if record.exc_info else None
-    return not ("orbax" in message or raised_in_orbax(error))
+    if "orbax" in message or raised_in_orbax(error):
+      return False
+    return not (error is not None and names_an_unfinished_read(str(error)))
 
 
 def is_abandoned_read_coroutine(unraisable) -> bool:
@@ -250,6 +264,7 @@ def read_step(step_dir: pathlib.Path, state_args: Callable[[dict], Any] | None =
   """
   drop_orphaned_restore_callbacks()  # before the first attempt: the callbacks can beat the except
   step_dir = step_dir.absolute()  # Orbax wants absolute paths
+  _UNFINISHED_READS.add(str(step_dir))  # kept if the read fails: its abandoned reads report later
   checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
   try:
     config = checkpointer.restore(step_dir, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))
@@ -257,6 +272,7 @@ def read_step(step_dir: pathlib.Path, state_args: Callable[[dict], Any] | None =
     if not isinstance(config, dict):
       raise DamagedCheckpoint(f"its config is a JSON {type(config).__name__}, not an object")
     if state_args is None:
+      _UNFINISHED_READS.discard(str(step_dir))
       return config, None
     args = state_args(config)
     state = checkpointer.restore(step_dir, args=ocp.args.Composite(**{STATE: args}))[STATE]
@@ -265,6 +281,7 @@ def read_step(step_dir: pathlib.Path, state_args: Callable[[dict], Any] | None =
       raise CheckpointError(f"the checkpoint {step_dir} holds no {', '.join(missing)} (not written by this "
                             "program, or by a version with another state); nothing was moved: use another "
                             "--workdir")
+    _UNFINISHED_READS.discard(str(step_dir))
     return config, state
   except (CheckpointError, DamagedCheckpoint):
     raise

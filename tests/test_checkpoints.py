@@ -337,6 +337,34 @@ def test_asyncios_reports_of_abandoned_orbax_reads_are_dropped_and_nothing_else(
   assert quiet.filter(record("Unclosed client session", orbax_error))
 
 
+def test_a_tensorstore_read_failed_outside_python_is_dropped_only_for_a_checkpoint_that_failed(tmp_path):
+  """TensorStore may fail a future of an abandoned read in its own thread: the exception then has no
+  traceback, and only the file it names ties it to the failed restore (seen in a suite run, reported
+  while a later test ran)."""
+  def record(error):
+    return logging.LogRecord("asyncio", logging.ERROR, "base_events.py", 1,
+                             f"Future exception was never retrieved\nfuture: <Future finished exception={error!r}>",
+                             None, (type(error), error, None))
+
+  def tensorstore_error(folder):
+    return ValueError(f'DATA_LOSS: Error opening "zarr" driver: Error reading "gen_params.gen2B.FC_2.kernel/'
+                      f'.zarray" in OCDBT database at local file "{folder / "state"}/": Error decoding manifest')
+
+  failed, good, elsewhere = tmp_path / "run" / "4", tmp_path / "good" / "2", tmp_path / "other" / "4"
+  failed.mkdir(parents=True)  # a checkpoint folder with nothing in it
+  with pytest.raises(checkpoints.DamagedCheckpoint):
+    checkpoints.read_step(failed)
+  writer = checkpoints.Checkpointer(good.parent, async_save=False)
+  writer.save(2, {"w": jnp.ones((2,))}, {"any": 1})
+  writer.close()
+  assert checkpoints.read_step(good)[0] == {"any": 1}
+  quiet = checkpoints.AbandonedOrbaxReads()
+  assert not quiet.filter(record(tensorstore_error(failed)))
+  assert quiet.filter(record(tensorstore_error(good)))  # read successfully: a report of it is news
+  assert quiet.filter(record(tensorstore_error(elsewhere)))
+  assert quiet.filter(record(ValueError("a bug in my own code")))
+
+
 def test_falling_back_past_a_damaged_checkpoint_reports_it_once(tmp_path, monkeypatch, caplog):
   state = {f"layer_{i}": jnp.full((4, 4), float(i)) for i in range(64)}  # many arrays, many reads
   writer = checkpoints.Checkpointer(tmp_path, async_save=False)
