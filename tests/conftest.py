@@ -80,6 +80,19 @@ def image_size_and_mode(path) -> tuple[tuple[int, int], str]:
     return image.size, image.mode
 
 
+def four_image_step_config():
+  """configs/test.py with 4 images a batch (they divide over 4 data devices) and D at twice G's rate.
+
+  test_step.py's tests and test_sharding.py's light single-device run both train with it, so one compiled
+  step serves both (a program costs 20-30 s to compile here).
+  """
+  from configs import test as test_config
+  config = test_config.get_config()
+  config.train.batch_size = 4
+  config.optimizer.disc_lr_scale = 2.0  # D's own rate, seen in the step's lr/D (the default is 1)
+  return config
+
+
 def write_tiny_checkpoint(checkpoints_dir, step: int, config=None):
   """Saves a freshly initialised model of `config` (default: configs/test.py) as training does, at
   `step` under `checkpoints_dir`; returns (config, models, state)."""

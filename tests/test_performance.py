@@ -14,7 +14,7 @@ from PIL import Image
 
 from configs import test as test_config
 from conftest import normal
-from nicegan_jax import convolutions, input_pipeline, models as models_lib, step, train_state
+from nicegan_jax import convolutions, input_pipeline, models as models_lib, sharding, step, train_state
 
 
 def random_batch(seed, batch_size, img_size):
@@ -48,14 +48,19 @@ BATCHES = [random_batch(i, 2, 64) for i in range(3)]
 
 @pytest.fixture(scope="module")
 def float32_run():
-  """Three single steps of the tiny config in float32: the reference for scan and bfloat16."""
+  """Three single steps of the tiny config in float32: the reference for scan and bfloat16. Placed and
+  jitted as the training loop does, so this is the program main.py's runs of configs/test.py compile."""
   config = tiny_config()
   models = models_lib.create_models(config.model)
-  state0 = train_state.create_train_state(config, jax.random.PRNGKey(0), models)
-  train = jax.jit(step.make_train_step(config, models))
-  states, losses, state = [], [], state0
+  mesh = sharding.create_mesh(config.mesh)
+  shapes = jax.eval_shape(lambda: train_state.create_train_state(config, jax.random.PRNGKey(0), models))
+  shardings = sharding.state_shardings(shapes, mesh, config.mesh.shard_min_size)
+  state = train_state.create_train_state(config, jax.random.PRNGKey(0), models, out_shardings=shardings)
+  state0 = jax.device_get(state)  # the step donates its input
+  train = sharding.jit_train_step(step.make_train_step(config, models), mesh, shardings)
+  states, losses = [], []
   for b in BATCHES:
-    state, m = train(state, b)
+    state, m = train(state, sharding.global_batch(b, mesh))
     states.append(jax.device_get(state))
     losses.append({k: float(v) for k, v in m.items()})
   return state0, states, losses

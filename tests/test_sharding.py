@@ -11,6 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import full as full_config
 from configs import test as test_config
+from conftest import four_image_step_config
 from nicegan_jax import models as models_lib, sharding, step, train_state
 
 
@@ -68,13 +69,12 @@ def run_steps(config, mesh, state, batches):
 
 @pytest.mark.parametrize("light", [True, False], ids=["light", "full"])
 def test_data_and_model_sharded_steps_equal_one_device(light):
-  config = test_config.get_config()
+  config = four_image_step_config()  # the light single-device run is test_step.py's compiled step
   config.model.light = light
-  config.train.batch_size = 4
   config.mesh.shard_min_size = 1024  # split the tiny model's tensors too
   nets = models_lib.create_models(config.model)
   state0 = train_state.create_train_state(config, jax.random.PRNGKey(0), nets)
-  batches = [random_batch(i, 4, config.model.img_size) for i in range(2)]
+  batches = [random_batch(i, config.train.batch_size, config.model.img_size) for i in range(2)]
   one = sharding.create_mesh(type("M", (), {"data": 1, "model": 1})(), jax.devices()[:1])
   mesh = sharding.create_mesh(type("M", (), {"data": 4, "model": 2})(), jax.devices()[:8])
   single, single_losses, _ = run_steps(config, one, state0, batches)

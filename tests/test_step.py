@@ -7,8 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import test as test_config
-from conftest import uniform
+from conftest import four_image_step_config, uniform
 from nicegan_jax import models as models_lib
 from nicegan_jax import sharding, step, train_state
 
@@ -20,14 +19,14 @@ def random_batch(seed, batch_size, img_size):
 
 @pytest.fixture(scope="module")
 def setup():
-  config = test_config.get_config()
-  config.optimizer.disc_lr_scale = 2.0  # D's own rate (the default 1 is the torch parity test's)
+  config = four_image_step_config()
   models = models_lib.create_models(config.model)
   # Placed as the jitted step wants it: a differently-placed argument would compile the step again.
   mesh = sharding.create_mesh(devices=jax.devices()[:1])
   state = train_state.create_train_state(config, jax.random.PRNGKey(0), models,
                                          out_shardings=sharding.replicated(mesh))
-  batch = jax.device_put(random_batch(1, 4, config.model.img_size), sharding.batch_sharding(mesh))
+  batch = jax.device_put(random_batch(1, config.train.batch_size, config.model.img_size),
+                         sharding.batch_sharding(mesh))
   return config, models, state, batch
 
 
@@ -145,7 +144,8 @@ def test_a_few_steps_stay_finite_and_move_every_owned_parameter(setup, one_step)
   state = jax.tree.map(jnp.copy, state)
   mesh = sharding.create_mesh(devices=jax.devices()[:1])
   for i in range(2):
-    batch = jax.device_put(random_batch(10 + i, 4, config.model.img_size), sharding.batch_sharding(mesh))
+    batch = jax.device_put(random_batch(10 + i, config.train.batch_size, config.model.img_size),
+                           sharding.batch_sharding(mesh))
     state, metrics = train_step(state, batch)
     assert all(np.isfinite(float(v)) for v in metrics.values())
   assert int(state.step) == 3
@@ -164,7 +164,7 @@ def test_sharded_step_equals_single_device(setup, one_step):
   single = jax.tree.map(jnp.copy, state)
   multi = jax.device_put(jax.tree.map(np.asarray, state), sharding.replicated(mesh))
   for i in range(2):
-    b = random_batch(20 + i, 4, config.model.img_size)
+    b = random_batch(20 + i, config.train.batch_size, config.model.img_size)
     single, m1 = single_step(single, sharding.global_batch(jax.tree.map(np.asarray, b), mesh1))
     multi, m2 = sharded_step(multi, sharding.global_batch(jax.tree.map(np.asarray, b), mesh))
     np.testing.assert_allclose(float(m1["G/loss"]), float(m2["G/loss"]), rtol=1e-5)
