@@ -271,18 +271,14 @@ def read_step(step_dir: pathlib.Path, state_args: Callable[[dict], Any] | None =
     config = config[CONFIG]
     if not isinstance(config, dict):
       raise DamagedCheckpoint(f"its config is a JSON {type(config).__name__}, not an object")
-    if state_args is None:
-      _UNFINISHED_READS.discard(str(step_dir))
-      return config, None
-    args = state_args(config)
-    state = checkpointer.restore(step_dir, args=ocp.args.Composite(**{STATE: args}))[STATE]
-    missing = unrestored_fields(state)
-    if missing:  # a partial restore leaves what the checkpoint lacks as its placeholder: never train on it
-      raise CheckpointError(f"the checkpoint {step_dir} holds no {', '.join(missing)} (not written by this "
-                            "program, or by a version with another state); nothing was moved: use another "
-                            "--workdir")
-    _UNFINISHED_READS.discard(str(step_dir))
-    return config, state
+    state = None
+    if state_args is not None:
+      state = checkpointer.restore(step_dir, args=ocp.args.Composite(**{STATE: state_args(config)}))[STATE]
+      missing = unrestored_fields(state)
+      if missing:  # a partial restore leaves what the checkpoint lacks as its placeholder: never train on it
+        raise CheckpointError(f"the checkpoint {step_dir} holds no {', '.join(missing)} (not written by "
+                              "this program, or by a version with another state); nothing was moved: use "
+                              "another --workdir")
   except (CheckpointError, DamagedCheckpoint):
     raise
   except Exception as e:
@@ -298,6 +294,8 @@ def read_step(step_dir: pathlib.Path, state_args: Callable[[dict], Any] | None =
                           "nothing was moved: fix the cause and run again") from e
   finally:
     checkpointer.close()
+  _UNFINISHED_READS.discard(str(step_dir))
+  return config, state
 
 
 def restore_newest(root: pathlib.Path, state_args: Callable[[dict], Any], *,
