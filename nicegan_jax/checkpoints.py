@@ -354,9 +354,13 @@ def unrestored_fields(state) -> list[str]:
 
 def restore_args_of(abstract) -> ocp.args.PyTreeRestore:
   """Orbax's arguments to restore `abstract` (ShapeDtypeStructs carrying their shardings) out of a saved
-  state that may hold more: a part of it, or the whole state of a version with fields since dropped."""
+  state that may hold more: a part of it, or the whole state of a version with fields since dropped.
+  A leaf without a sharding (plain `jax.eval_shape` output) goes to this process's first device, as a new
+  array would, never to the placement recorded in the checkpoint (another machine's, perhaps)."""
+  default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   restore_args = jax.tree.map(
-      lambda x: ocp.ArrayRestoreArgs(restore_type=jax.Array, dtype=x.dtype, sharding=x.sharding), abstract)
+      lambda x: ocp.ArrayRestoreArgs(restore_type=jax.Array, dtype=x.dtype,
+                                     sharding=default if x.sharding is None else x.sharding), abstract)
   return ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=True)
 
 

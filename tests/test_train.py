@@ -129,17 +129,20 @@ def test_a_workdir_of_another_model_is_refused_not_overwritten(dataset, tmp_path
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
 
 
-def test_restore_onto_the_same_state_round_trips(dataset, tmp_path, uninterrupted):
+def test_restore_onto_the_same_state_round_trips(dataset, tmp_path, uninterrupted, recwarn):
   reference, _, _ = uninterrupted
   ckpt = checkpoints.Checkpointer(tmp_path / "ckpt", max_to_keep=1)
   state = jax.tree.map(jnp.asarray, reference)
   ckpt.save(4, state, {"note": "test"})
   ckpt.wait()
-  restored, step = ckpt.restore_latest(jax.eval_shape(lambda: state))
+  restored, step = ckpt.restore_latest(jax.eval_shape(lambda: state))  # shapes without shardings
   assert step == 4 and ckpt.restore_config()["note"] == "test"
   assert jax.tree.structure(restored) == jax.tree.structure(state)
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
     np.testing.assert_array_equal(a, b)
+    assert a.sharding == jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  # Not Orbax's fallback to the placement saved in the checkpoint, "unsafe on a different topology".
+  assert not [w for w in recwarn if "Sharding info not provided" in str(w.message)]
   ckpt.close()
 
 
