@@ -352,12 +352,17 @@ def unrestored_fields(state) -> list[str]:
                  if isinstance(leaf, jax.ShapeDtypeStruct)})
 
 
+def first_local_device() -> jax.sharding.SingleDeviceSharding:
+  """This process's first device, where restores put what nothing else places."""
+  return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
 def restore_args_of(abstract) -> ocp.args.PyTreeRestore:
   """Orbax's arguments to restore `abstract` (ShapeDtypeStructs carrying their shardings) out of a saved
   state that may hold more: a part of it, or the whole state of a version with fields since dropped.
   A leaf without a sharding (plain `jax.eval_shape` output) goes to this process's first device, as a new
   array would, never to the placement recorded in the checkpoint (another machine's, perhaps)."""
-  default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  default = first_local_device()
   restore_args = jax.tree.map(
       lambda x: ocp.ArrayRestoreArgs(restore_type=jax.Array, dtype=x.dtype,
                                      sharding=default if x.sharding is None else x.sharding), abstract)
@@ -373,12 +378,9 @@ def restore_for_inference(path, wanted: Callable[[dict], Any]) -> tuple[dict, An
   gen_params only); it is restored onto this process's first device whatever topology saved it.
   """
   path = local_path(path, "checkpoint path").absolute()
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
   def state_args(config):
-    tree = wanted(config)
-    return restore_args_of(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                                        tree))
+    return restore_args_of(abstract_like(wanted(config), first_local_device()))
 
   if is_checkpoint_folder(path):
     try:
