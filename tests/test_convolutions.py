@@ -26,12 +26,13 @@ POLICY = convolutions.CpuPolicy()
     (31, 128, 128, 3, 1, 1)])  # a wide 3x3 conv over 2 x 16 x 16 tiles: Winograd, forward and gradients
 def test_cpu_convolutions_equal_xla_with_their_gradients(size, features_in, features, kernel, stride, pad):
   x = normal(0, (2, size, size, features_in))
+  layer = lambda impl: layers.Conv(features, kernel, stride=stride, pad=pad, spectral_norm=True,
+                                   conv=convolutions.for_impl(impl))
+  variables = jax.jit(layer("xla").init)(jax.random.PRNGKey(1), x)  # the algorithm is not a variable
+  target = normal(2, jax.eval_shape(layer("xla").apply, variables, x).shape)
 
   def grads(impl):
-    conv = layers.Conv(features, kernel, stride=stride, pad=pad, spectral_norm=True,
-                       conv=convolutions.for_impl(impl))
-    variables = jax.jit(conv.init)(jax.random.PRNGKey(1), x)
-    target = normal(2, conv.apply(variables, x).shape)
+    conv = layer(impl)
     loss = lambda p, x: jnp.sum(conv.apply({**variables, "params": p}, x) * target)
     return jax.jit(conv.apply)(variables, x), jax.jit(jax.grad(loss, argnums=(0, 1)))(variables["params"], x)
 

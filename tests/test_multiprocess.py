@@ -16,10 +16,10 @@ import time
 import jax
 import numpy as np
 
-from conftest import ROOT
+from conftest import ROOT, four_image_step_config
 from nicegan_jax import checkpoints, datasets, load_translator, sharding, train, translate
 from nicegan_jax.models import create_models
-from test_train import make_dataset, tiny_config
+from test_train import make_dataset
 
 PROCESS_TIMEOUT_S = 480
 STEPS = 4  # the SIGTERM comes once process 1 has reported this step
@@ -34,6 +34,7 @@ def free_port() -> int:
 def config_flags(config) -> list[str]:
   return ["--config=configs/test.py", f"--config.data.path={config.data.path}",
           f"--config.data.data_dir={config.data.data_dir}", f"--config.train.batch_size={config.train.batch_size}",
+          f"--config.optimizer.disc_lr_scale={config.optimizer.disc_lr_scale}",
           "--config.mesh.data=-1"]
 
 
@@ -70,8 +71,8 @@ def test_two_processes_equal_one_stop_together_on_a_sigterm_and_restore_on_one_d
   """One two-process run: its periodic checkpoints, a SIGTERM to process 1 alone (a preemption notice)
   that stops both at one step with a checkpoint there, that checkpoint equal to the same steps of one
   4-device process, then restored on 1 device, trained on and translated."""
-  config = tiny_config(make_dataset(tmp_path / "data"), tmp_path)
-  config.train.batch_size = 4
+  config = four_image_step_config()  # its steps on 1 and on 4 devices are test_step.py's compiled ones
+  config.data.path, config.data.data_dir = str(make_dataset(tmp_path / "data")), str(tmp_path / "cache")
   datasets.load_domains(config.data, config.model.img_size)  # prepared once, not by two processes at once
   flags = [*config_flags(config), "--config.train.num_steps=1000", "--config.train.log_every_steps=1",
            "--config.train.checkpoint_every_steps=2"]

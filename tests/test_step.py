@@ -34,12 +34,20 @@ def leaves_equal(a, b):
   return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def test_d_loss_gives_the_generators_exactly_zero_gradient(setup):
+@pytest.fixture(scope="module")
+def d_loss_grads(setup):
+  """The D loss's gradients w.r.t. (the discriminators, the generators), from one compiled program."""
   config, models, state, batch = setup
-  grad = jax.jit(jax.grad(step.discriminator_loss, argnums=2, has_aux=True),
+  grad = jax.jit(jax.grad(step.discriminator_loss, argnums=(0, 2), has_aux=True),
                  static_argnames=("models", "adv_weight"))
-  g, _ = grad(state.disc_params, state.spectral, state.gen_params, batch, models=models,
-              adv_weight=1.0)
+  grads, _ = grad(state.disc_params, state.spectral, state.gen_params, batch, models=models,
+                  adv_weight=1.0)
+  return grads
+
+
+def test_d_loss_gives_the_generators_exactly_zero_gradient(setup, d_loss_grads):
+  _, _, state, _ = setup
+  _, g = d_loss_grads
   assert jax.tree.structure(g) == jax.tree.structure(state.gen_params)
   assert all(not np.any(np.asarray(leaf)) for leaf in jax.tree.leaves(g))
 
@@ -67,7 +75,7 @@ def test_g_loss_gives_the_discriminators_exactly_zero_gradient_but_reaches_gen_t
   assert gen2B_norm > 0
 
 
-def test_each_update_touches_only_its_owners_parameters(setup):
+def test_each_update_touches_only_its_owners_parameters(setup, d_loss_grads):
   config, models, state, batch = setup
   g_tx, d_tx = train_state.optimizers(config)
   d_update = jax.jit(functools.partial(step.discriminator_update, models=models, d_tx=d_tx,
@@ -76,8 +84,7 @@ def test_each_update_touches_only_its_owners_parameters(setup):
                                        adv_weight=1.0, cycle_weight=10.0, recon_weight=10.0))
   after_d, d_metrics = d_update(state, batch)
   # The reported norm is that of the D loss's gradient w.r.t. the discriminators, before weight decay.
-  d_grads = jax.jit(lambda d: jax.grad(step.discriminator_loss, has_aux=True)(
-      d, state.spectral, state.gen_params, batch, models=models, adv_weight=1.0)[0])(state.disc_params)
+  d_grads, _ = d_loss_grads
   norm = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in jax.tree.leaves(d_grads)))
   assert float(d_metrics["D/grad_norm"]) == pytest.approx(norm, rel=1e-5)
   assert leaves_equal(after_d.gen_params, state.gen_params)
