@@ -91,8 +91,9 @@ def image_size_and_mode(path) -> tuple[tuple[int, int], str]:
 def four_image_step_config():
   """configs/test.py with 4 images a batch (they divide over 4 data devices) and D at twice G's rate.
 
-  test_step.py's tests and test_sharding.py's light single-device run both train with it, so one compiled
-  step serves both (a program costs 20-30 s to compile here).
+  test_step.py's tests, test_sharding.py's light single-device run and test_multiprocess.py's in-process
+  runs (one device and four) train with it, so one compiled step per device count serves them all (a
+  program costs 15-30 s to compile here).
   """
   from configs import test as test_config
   config = test_config.get_config()
