@@ -71,13 +71,15 @@ def test_missing_or_wrong_weights_say_how_to_get_them(tmp_path, monkeypatch):
   inception.load_weights.cache_clear()
 
 
-def test_trace_sqrt_product_equals_scipy_sqrtm():
+def test_trace_sqrt_covariance_product_equals_scipy_sqrtm():
   import scipy.linalg
   rng = np.random.default_rng(2)
-  for n in (50, 10):  # full-rank and rank-deficient (n < d) covariances, as with 100 images at 2048-d
-    a, b = np.cov(rng.normal(size=(n, 20)), rowvar=False), np.cov(rng.normal(size=(n, 20)) * 3, rowvar=False)
+  # Full-rank and rank-deficient (n < d) covariances, as with 100 images at 2048-d; sets of two sizes.
+  for n1, n2 in ((50, 50), (10, 10), (40, 7)):
+    x, y = rng.normal(size=(n1, 20)) + 1, rng.normal(size=(n2, 20)) * 3
+    a, b = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
     want = np.trace(scipy.linalg.sqrtm(a @ b).real)
-    assert metrics.trace_sqrt_product(a, b) == pytest.approx(want, rel=1e-6)
+    assert metrics.trace_sqrt_covariance_product(x, y) == pytest.approx(want, rel=1e-6), (n1, n2)
 
 
 def test_fid_against_closed_forms():
