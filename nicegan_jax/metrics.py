@@ -38,8 +38,7 @@ def fid(features_1: np.ndarray, features_2: np.ndarray) -> float:
   if len(f1) < 2 or len(f2) < 2:
     raise ValueError(f"FID needs at least 2 images per set; got {len(f1)} and {len(f2)}")
   diff = f1.mean(0) - f2.mean(0)
-  trace_1 = np.sum((f1 - f1.mean(0)) ** 2) / (len(f1) - 1)  # Tr(S1)
-  trace_2 = np.sum((f2 - f2.mean(0)) ** 2) / (len(f2) - 1)
+  trace_1, trace_2 = f1.var(0, ddof=1).sum(), f2.var(0, ddof=1).sum()  # Tr(S): the summed variances
   return float(diff @ diff + trace_1 + trace_2 - 2 * trace_sqrt_covariance_product(f1, f2))
 
 

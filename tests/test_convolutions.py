@@ -28,8 +28,9 @@ def test_cpu_convolutions_equal_xla_with_their_gradients(size, features_in, feat
   x = normal(0, (2, size, size, features_in))
   layer = lambda impl: layers.Conv(features, kernel, stride=stride, pad=pad, spectral_norm=True,
                                    conv=convolutions.for_impl(impl))
-  variables = jax.jit(layer("xla").init)(jax.random.PRNGKey(1), x)  # the algorithm is not a variable
-  target = normal(2, jax.eval_shape(layer("xla").apply, variables, x).shape)
+  reference = layer("xla")
+  variables = jax.jit(reference.init)(jax.random.PRNGKey(1), x)  # the algorithm is not a variable
+  target = normal(2, jax.eval_shape(reference.apply, variables, x).shape)
 
   def grads(impl):
     conv = layer(impl)
