@@ -131,7 +131,7 @@ def final_state(workdir: pathlib.Path):
   config = test_config.get_config()
   nets = models.create_models(config.model)
   shapes = jax.eval_shape(lambda: train_state.create_train_state(config, jax.random.PRNGKey(0), nets))
-  abstract = checkpoints.abstract_like(shapes, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  abstract = checkpoints.abstract_like(shapes, checkpoints.first_local_device())
   ckpt = checkpoints.Checkpointer(workdir / "checkpoints")
   try:
     state, step = ckpt.restore_latest(abstract)

@@ -76,7 +76,7 @@ def abstract_state(config=None, seed=0):
   config = config or test_config.get_config()
   nets = models.create_models(config.model)
   shapes = jax.eval_shape(lambda: train_state.create_train_state(config, jax.random.PRNGKey(seed), nets))
-  return checkpoints.abstract_like(shapes, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  return checkpoints.abstract_like(shapes, checkpoints.first_local_device())
 
 
 def assert_state_equal(restored, reference):
@@ -376,8 +376,7 @@ def test_falling_back_past_a_damaged_checkpoint_reports_it_once(tmp_path, monkey
 
   seen = []
   monkeypatch.setattr(sys, "unraisablehook", seen.append)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state)
+  abstract = checkpoints.abstract_like(state, checkpoints.first_local_device())
   reader = checkpoints.Checkpointer(tmp_path)
   restored, step = reader.restore_latest(abstract)
   reader.close()
