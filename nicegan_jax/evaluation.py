@@ -14,6 +14,7 @@ its standard deviation over the subsets.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import pathlib
@@ -41,14 +42,15 @@ def list_eval_images(folder: str | pathlib.Path) -> list[pathlib.Path]:
   return files
 
 
-@jax.jit
-def _features_of_uint8(weights, images):
-  """uint8 (N, H, W, 3) -> (N, 2048): /255, bilinear to 299 (half-pixel, no antialias), [-1, 1]."""
+@functools.partial(jax.jit, static_argnames="conv_impl")
+def features_of_uint8(weights, images, conv_impl: str = "auto"):
+  """uint8 (N, H, W, 3) -> (N, 2048): /255, bilinear to 299 (half-pixel, no antialias), [-1, 1], then
+  `inception.inception_features` with `conv_impl`."""
   x = images.astype(jnp.float32) / 255.0
   n = x.shape[0]
   if x.shape[1:3] != (INCEPTION_SIZE, INCEPTION_SIZE):
     x = jax.image.resize(x, (n, INCEPTION_SIZE, INCEPTION_SIZE, 3), "bilinear", antialias=False)
-  return inception.inception_features(weights, 2.0 * x - 1.0)
+  return inception.inception_features(weights, 2.0 * x - 1.0, conv_impl=conv_impl)
 
 
 def image_features(images: list[np.ndarray], weights, batch_size: int = 50,
@@ -63,7 +65,7 @@ def image_features(images: list[np.ndarray], weights, batch_size: int = 50,
   for indices in by_size.values():  # one compiled shape per size
     for chunk, n in input_pipeline.padded_chunks(np.asarray(indices), batch_size):
       batch = np.stack([images[i] for i in chunk])
-      feats = np.asarray(_features_of_uint8(weights, jnp.asarray(batch)), np.float64)
+      feats = np.asarray(features_of_uint8(weights, jnp.asarray(batch)), np.float64)
       for i, f in zip(chunk[:n], feats[:n]):
         out[i] = f
       bar.update(n)

@@ -30,9 +30,11 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 
 # pytest-xdist's --dist loadfile hands the files out in a queue, one at a time as workers free up; a long
 # file handed out last keeps one worker busy while the other idles. These go first, longest first (their
-# cold times on 2 cores, 25 s to 4.5 minutes); the rest keep their alphabetical order.
-SLOWEST_FIRST = ("test_performance.py", "test_train.py", "test_step.py", "test_evaluation.py",
-                 "test_sharding.py", "test_translate.py", "test_multiprocess.py", "test_crash_consistency.py",
+# cold times on 2 cores, 25 s to 4.5 minutes); the rest keep their alphabetical order. The first two start
+# together and compile nothing in common: test_train.py, whose main.py run compiles the same configs/test.py
+# programs as test_performance.py's first fixture, starts once that fixture has put them in the cache.
+SLOWEST_FIRST = ("test_performance.py", "test_sharding.py", "test_step.py", "test_train.py",
+                 "test_multiprocess.py", "test_crash_consistency.py", "test_translate.py", "test_evaluation.py",
                  "test_benchmarks.py", "test_torch_parity.py", "test_notebook.py", "test_preemption.py",
                  "test_convolutions.py", "test_demo.py", "test_onnx.py", "test_models.py",
                  "test_torch_pickle.py", "test_checkpoints.py", "test_export.py")

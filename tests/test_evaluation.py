@@ -59,6 +59,25 @@ def test_inception_on_a_real_photo(weights):
   assert int(f.argmax()) == 1823 and f.max() == pytest.approx(1.919322, abs=1e-4)
 
 
+def test_the_cpu_convolutions_give_xlas_features_and_the_benchmark_times_both(weights, capsys):
+  """conv_impl="cpu" (the default here) runs the unpadded convolutions another way; the features stay
+  XLA's up to float rounding (on XLA:CPU they come out identical), and the benchmark reports both."""
+  from benchmarks import inception_speed
+  images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 80, 96, 3), dtype=np.uint8))
+  programs = {impl: evaluation.features_of_uint8.lower(weights, images, conv_impl=impl).as_text()
+              for impl in ("xla", "cpu")}
+  # Every 1x1 stride-1 convolution became a matmul (the other unpadded ones stay convolutions, padded).
+  count = lambda impl, op: programs[impl].count(f"stablehlo.{op}")
+  assert count("cpu", "convolution") <= count("xla", "convolution") - 20
+  assert count("cpu", "dot_general") - count("xla", "dot_general") == count("xla", "convolution") - count(
+      "cpu", "convolution")
+  assert inception_speed.main(["--batch=2", "--size=80", "--calls=1", "--json"]) == 0
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert result["max_abs_difference"] <= 1e-5 and result["batch"] == 2 and result["size"] == 80
+  assert result["xla_vs_cpu"] == pytest.approx(result["median_s"]["xla"] / result["median_s"]["cpu"])
+  assert set(result["first_call_s"]) == {"xla", "cpu"} and result["backend"] == "cpu"
+
+
 def test_missing_or_wrong_weights_say_how_to_get_them(tmp_path, monkeypatch):
   monkeypatch.setenv("NICEGAN_JAX_CACHE", str(tmp_path))
   inception.load_weights.cache_clear()
