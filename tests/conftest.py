@@ -5,6 +5,7 @@ Both are set in the environment, so the subprocesses the end-to-end tests start 
 devices and compile to the same cached programs as the tests themselves.
 """
 
+import contextlib
 import gc
 import os
 import pathlib
@@ -88,6 +89,31 @@ def image_size_and_mode(path) -> tuple[tuple[int, int], str]:
   from PIL import Image
   with Image.open(path) as image:
     return image.size, image.mode
+
+
+# Set in a test process's environment, what `quick_compiles` sets (for a subprocess that compiles only
+# programs that are compared at such tolerances).
+QUICK_COMPILES_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "true"}
+
+
+@contextlib.contextmanager
+def quick_compiles():
+  """Programs compiled inside compile with XLA's backend optimisations off (jax_disable_most_optimizations):
+  about 30% less compile time here, code a few times slower, and float rounding that differs in the last
+  bits (the same operations in the same order, code-generated without LLVM's optimisations).
+
+  Only for programs that are compiled once and run a few steps, whose results are compared with
+  tolerances far above float rounding (reduced precision against float32, sharded against one device).
+  Programs shared with other tests through the cache (init, configs/test.py's steps) are compiled outside,
+  since the setting is part of a program's cache key.
+  """
+  import jax
+  previous = jax.config.values.get("jax_disable_most_optimizations", False)
+  jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", previous)
 
 
 def four_image_step_config():

@@ -16,7 +16,7 @@ import time
 import jax
 import numpy as np
 
-from conftest import ROOT, four_image_step_config
+from conftest import QUICK_COMPILES_ENV, ROOT, four_image_step_config
 from nicegan_jax import checkpoints, datasets, load_translator, sharding, train, translate
 from nicegan_jax.models import create_models
 from test_train import make_dataset
@@ -41,7 +41,9 @@ def config_flags(config) -> list[str]:
 def start_two_processes(flags: list[str], workdir, outputs) -> list[subprocess.Popen]:
   """main.py as processes 0 and 1 of two, their stdout and stderr into outputs[0] and outputs[1]."""
   port = free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  # Their programs are their own (a two-process mesh), compiled quickly (conftest.quick_compiles): what
+  # is compared with one process below agrees to 1e-5, far above what the compiler's optimisations change.
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", **QUICK_COMPILES_ENV)
   return [subprocess.Popen(
       [sys.executable, "main.py", *flags, f"--workdir={workdir}",
        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
