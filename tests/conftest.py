@@ -103,7 +103,8 @@ def quick_compiles():
   bits (the same operations in the same order, code-generated without LLVM's optimisations).
 
   Only for programs that are compiled once and run a few steps, whose results are compared with
-  tolerances far above float rounding (reduced precision against float32, sharded against one device).
+  tolerances far above float rounding (reduced precision against float32, sharded against one device)
+  or in ways rounding cannot touch (exact zeros, parameters left bit-identical).
   Programs shared with other tests through the cache (init, configs/test.py's steps) are compiled outside,
   since the setting is part of a program's cache key.
   """
