@@ -76,6 +76,8 @@ def test_the_cpu_convolutions_give_xlas_features_and_the_benchmark_times_both(we
   assert result["max_abs_difference"] <= 1e-5 and result["batch"] == 2 and result["size"] == 80
   assert result["xla_vs_cpu"] == pytest.approx(result["median_s"]["xla"] / result["median_s"]["cpu"])
   assert set(result["first_call_s"]) == {"xla", "cpu"} and result["backend"] == "cpu"
+  with pytest.raises(ValueError, match="conv_impl must be one of auto, xla, cpu; got 'gpu'"):
+    evaluation.features_of_uint8(weights, images, conv_impl="gpu")
 
 
 def test_missing_or_wrong_weights_say_how_to_get_them(tmp_path, monkeypatch):
