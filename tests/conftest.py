@@ -91,8 +91,7 @@ def image_size_and_mode(path) -> tuple[tuple[int, int], str]:
     return image.size, image.mode
 
 
-# Set in a test process's environment, what `quick_compiles` sets (for a subprocess that compiles only
-# programs that are compared at such tolerances).
+# What `quick_compiles` sets, as environment variables: for a subprocess whose own programs all qualify.
 QUICK_COMPILES_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "true"}
 
 
@@ -100,7 +99,7 @@ QUICK_COMPILES_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "true"}
 def quick_compiles():
   """Programs compiled inside compile with XLA's backend optimisations off (jax_disable_most_optimizations):
   about 30% less compile time here, code a few times slower, and float rounding that differs in the last
-  bits (the same operations in the same order, code-generated without LLVM's optimisations).
+  bits (the same optimised HLO, turned into machine code without LLVM's optimisations).
 
   Only for programs that are compiled once and run a few steps, whose results are compared with
   tolerances far above float rounding (reduced precision against float32, sharded against one device)
