@@ -1,10 +1,10 @@
 """How long the FID Inception takes per batch with each convolution implementation, in one run.
 
 Times the evaluation's feature program (`evaluation.features_of_uint8`: uint8 images, bilinear to 299,
-Inception pool features; what FID and KID run) with `conv_impl="xla"` (XLA's convolution everywhere) and `conv_impl="cpu"` (the
-unpadded convolutions as `inception._unpadded_conv_on_cpu` runs them), alternating the two call by call
-on the same random batch; prints the medians, their ratio and the largest difference between the two
-feature sets (0 when XLA computes both alike).
+Inception pool features; what FID and KID run) with `conv_impl="xla"` (XLA's convolution everywhere)
+and `conv_impl="cpu"` (the unpadded convolutions as `inception._unpadded_conv_on_cpu` runs them),
+alternating the two call by call on the same random batch; prints the medians, their ratio and the
+largest difference between the two feature sets (0 when XLA computes both alike).
 
   python -m benchmarks.inception_speed                  # 50 images of 256x256, 5 calls each
   python -m benchmarks.inception_speed --batch=8 --calls=3 --json
@@ -23,8 +23,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-IMPLS = ("xla", "cpu")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,13 +46,14 @@ def timed(fn) -> float:
 
 
 def measure(args) -> dict:
-  from nicegan_jax import evaluation, inception
+  from nicegan_jax import convolutions, evaluation, inception
   weights = inception.load_weights(args.inception_weights)
   images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (args.batch, args.size, args.size, 3),
                                                          dtype=np.uint8))
-  programs = {impl: functools.partial(evaluation.features_of_uint8, weights, conv_impl=impl) for impl in IMPLS}
+  programs = {impl: functools.partial(evaluation.features_of_uint8, weights, conv_impl=impl)
+              for impl in convolutions.IMPLS}
   compile_s = {impl: timed(lambda p=program: p(images)) for impl, program in programs.items()}
-  seconds = {impl: [] for impl in IMPLS}
+  seconds = {impl: [] for impl in programs}
   for _ in range(args.calls):
     for impl, program in programs.items():
       seconds[impl].append(timed(lambda p=program: p(images)))
@@ -80,9 +79,9 @@ def main(argv=None) -> int:
     return 0
   print(f"FID Inception features of {args.batch} images of {args.size}x{args.size}; jax {result['jax']} "
         f"({result['backend']}), {result['cpu_count']} cores; median of {args.calls} calls each, alternating")
-  for impl in IMPLS:
-    print(f"  conv_impl={impl}: {result['median_s'][impl]:.3f} s per call "
-          f"({args.batch / result['median_s'][impl]:.1f} img/s; first call {result['first_call_s'][impl]:.1f} s)")
+  for impl, seconds in result["median_s"].items():
+    print(f"  conv_impl={impl}: {seconds:.3f} s per call ({args.batch / seconds:.1f} img/s; "
+          f"first call {result['first_call_s'][impl]:.1f} s)")
   print(f"  xla / cpu: {result['xla_vs_cpu']:.2f}x; largest feature difference "
         f"{result['max_abs_difference']:.1e}")
   return 0

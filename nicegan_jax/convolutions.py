@@ -446,17 +446,17 @@ class CpuConvolutions:
 
 
 def resolve(conv_impl: str, backend: str | None = None) -> str:
-  """`config.model.conv_impl` -> one of IMPLS: "auto" is "cpu" on CPUs and "xla" on GPUs and TPUs."""
-  if conv_impl != "auto":
-    return conv_impl
-  return "cpu" if (backend or jax.default_backend()) == "cpu" else "xla"
+  """`config.model.conv_impl` -> one of IMPLS: "auto" is "cpu" on CPUs and "xla" on GPUs and TPUs; any
+  other value is refused by name."""
+  if conv_impl == "auto":
+    return "cpu" if (backend or jax.default_backend()) == "cpu" else "xla"
+  if conv_impl not in IMPLS:
+    raise ValueError(f"conv_impl must be one of auto, {', '.join(IMPLS)}; got {conv_impl!r}")
+  return conv_impl
 
 
 def for_impl(conv_impl: str, policy: CpuPolicy | None = None) -> Callable:
   """The convolution function `(x, kernel, stride) -> y` that the layers run for `conv_impl`."""
-  impl = resolve(conv_impl)
-  if impl == "xla":
+  if resolve(conv_impl) == "xla":
     return conv_valid
-  if impl == "cpu":
-    return CpuConvolutions(policy or CpuPolicy())
-  raise ValueError(f"conv_impl must be one of auto, {', '.join(IMPLS)}; got {conv_impl!r}")
+  return CpuConvolutions(policy or CpuPolicy())

@@ -280,10 +280,7 @@ def inception_features(weights: dict[str, jax.Array], images: jax.Array,
   """(N, 299, 299, 3) in [-1, 1] -> (N, 2048) pool features. `conv_impl` as `config.model.conv_impl`:
   "cpu" (the default on CPUs) runs the unpadded convolutions as `_unpadded_conv_on_cpu` says, "xla"
   all as XLA's convolution; both give the same features up to float rounding."""
-  impl = convolutions.resolve(conv_impl)
-  if impl not in convolutions.IMPLS:
-    raise ValueError(f"conv_impl must be one of auto, {', '.join(convolutions.IMPLS)}; got {conv_impl!r}")
-  conv = functools.partial(_conv, cpu_paths=impl == "cpu")
+  conv = functools.partial(_conv, cpu_paths=convolutions.resolve(conv_impl) == "cpu")
   x = images.astype(jnp.float32)
   x = conv(weights, x, "conv", stride=2)
   x = conv(weights, x, "conv_1")
