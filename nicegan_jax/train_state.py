@@ -100,7 +100,10 @@ def create_train_state(config, rng: jax.Array, models: models_lib.Models | None 
   """Fresh state for `config`: PyTorch-default init, zeroed Adam moments, step 0.
 
   Built by one jitted function (eager init would compile every op on its own), placed with
-  `out_shardings` when given.
+  `out_shardings` when given. Shardings that copy the whole state to devices of this process (one device,
+  or data parallelism) get the one-device program and a copy: the same numbers, and one compiled init
+  for every such mesh instead of a program per mesh. Shardings that split a tensor, or span processes,
+  compile the init for them, so that no device ever holds more than its share.
   """
   models = models or models_lib.create_models(config.model)
   g_tx, d_tx = optimizers(config)
@@ -114,7 +117,15 @@ def create_train_state(config, rng: jax.Array, models: models_lib.Models | None 
                       spectral=spectral, g_opt_state=g_tx.init(gen_params),
                       d_opt_state=d_tx.init(disc_params))
 
-  return jax.jit(init, out_shardings=out_shardings)(rng)
+  if out_shardings is not None and not copies_on_this_process(out_shardings):
+    return jax.jit(init, out_shardings=out_shardings)(rng)
+  state = jax.jit(init)(rng)
+  return state if out_shardings is None else jax.device_put(state, out_shardings, donate=True)
+
+
+def copies_on_this_process(shardings) -> bool:
+  """Whether every sharding in the pytree puts a whole copy on each of its devices, all of this process."""
+  return all(s.is_fully_replicated and s.is_fully_addressable for s in jax.tree.leaves(shardings))
 
 
 def optimizers(config) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:

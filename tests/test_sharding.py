@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import full as full_config
 from configs import test as test_config
-from conftest import four_image_step_config, quick_compiles
+from conftest import quick_compiles
 from nicegan_jax import models as models_lib, sharding, step, train_state
 
 
@@ -50,6 +50,25 @@ def test_mesh_errors_say_what_is_wrong():
     sharding.create_mesh(config)
 
 
+def test_a_state_copied_to_each_device_is_the_one_device_state_placed_as_asked():
+  """Data parallelism (a whole copy per device, all in this process) takes the one-device init program and
+  a copy; a mesh that splits tensors compiles the init for its own shardings."""
+  config = test_config.get_config()
+  nets = models_lib.create_models(config.model)
+  one_device = train_state.create_train_state(config, jax.random.PRNGKey(0), nets)
+  shapes = jax.eval_shape(lambda: one_device)
+  data = sharding.create_mesh(type("M", (), {"data": 4, "model": 1})(), jax.devices()[:4])
+  copies = sharding.state_shardings(shapes, data)
+  assert train_state.copies_on_this_process(copies)
+  placed = train_state.create_train_state(config, jax.random.PRNGKey(0), nets, out_shardings=copies)
+  for got, want, asked in zip(jax.tree.leaves(placed), jax.tree.leaves(one_device), jax.tree.leaves(copies)):
+    assert got.sharding == asked and np.array_equal(got, want)
+  split = sharding.create_mesh(type("M", (), {"data": 2, "model": 2})(), jax.devices()[:4])
+  assert not train_state.copies_on_this_process(sharding.state_shardings(shapes, split, min_size=1024))
+  # At the default threshold nothing of the tiny model is split: whole copies again, model axis or not.
+  assert train_state.copies_on_this_process(sharding.state_shardings(shapes, split))
+
+
 def random_batch(seed: int, batch: int, size: int):
   rng = np.random.default_rng(seed)
   return {d: rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32) for d in "AB"}
@@ -71,7 +90,7 @@ def run_steps(config, mesh, state, batches):
 
 @pytest.mark.parametrize("light", [True, False], ids=["light", "full"])
 def test_data_and_model_sharded_steps_equal_one_device(light):
-  config = four_image_step_config()  # the light single-device run is test_step.py's compiled step
+  config = test_config.get_config()  # the light single-device run is test_step.py's compiled step
   config.model.light = light
   config.mesh.shard_min_size = 1024  # split the tiny model's tensors too
   nets = models_lib.create_models(config.model)
@@ -79,10 +98,13 @@ def test_data_and_model_sharded_steps_equal_one_device(light):
   batches = [random_batch(i, config.train.batch_size, config.model.img_size) for i in range(2)]
   one = sharding.create_mesh(type("M", (), {"data": 1, "model": 1})(), jax.devices()[:1])
   mesh = sharding.create_mesh(type("M", (), {"data": 4, "model": 2})(), jax.devices()[:8])
-  # The full model's two steps are its own programs (the light single-device one is shared): compiled
-  # quickly, both alike, so they differ only as the reduction orders do (what is asserted below).
+  # The 8-device steps and the full model's one-device step are this test's own programs: compiled
+  # quickly (conftest.quick_compiles). The light one-device step is test_step.py's, shared through the
+  # cache and so compiled as usual. Either way the two sides differ in the last bits of float rounding,
+  # as the reduction orders already make them differ, and far less than the tolerances below.
   with contextlib.nullcontext() if light else quick_compiles():
     single, single_losses, _ = run_steps(config, one, state0, batches)
+  with quick_compiles():
     multi, multi_losses, shardings = run_steps(config, mesh, state0, batches)
   split = [s.spec for s in jax.tree.leaves(shardings) if s.spec != P()]
   assert len(split) >= 10, "the test must exercise model-sharded tensors"
