@@ -20,7 +20,7 @@ def get_config():
   # resume under SIGKILL (benchmarks/crash_soak.py).
   config.optimizer.decay_flag = False
   config.train.num_steps = 4
-  config.train.batch_size = 4  # divides over the sharded tests' 4 data devices: one step program for all
+  config.train.batch_size = 2
   config.train.log_every_steps = 2
   config.train.checkpoint_every_steps = 2
   config.train.sample_every_steps = 2

@@ -55,20 +55,6 @@ def pytest_collection_modifyitems(items):
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
-@pytest.fixture(autouse=True)
-def freeze_what_each_test_leaves():
-  """After each test: one collection, then what survives it is frozen (never traversed again).
-
-  Tracing a NICE-GAN step allocates millions of objects, and Python's full collections would otherwise
-  keep walking the ~10^6 objects that earlier tests left alive (JAX's caches, imported modules): 3-4% of
-  a worker's time here, about half of it saved. A frozen object is still freed when its last reference
-  goes; only reference cycles among frozen objects stay.
-  """
-  yield
-  gc.collect()
-  gc.freeze()
-
-
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session):
   """Exempts everything still alive from the collections that follow the last test.
@@ -128,6 +114,20 @@ def quick_compiles():
     yield
   finally:
     jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def four_image_step_config():
+  """configs/test.py with 4 images a batch (they divide over 4 data devices) and D at twice G's rate.
+
+  test_step.py's tests, test_sharding.py's light single-device run and test_multiprocess.py's in-process
+  runs (one device and four) train with it, so one compiled step per device count serves them all (a
+  program costs 15-30 s to compile here).
+  """
+  from configs import test as test_config
+  config = test_config.get_config()
+  config.train.batch_size = 4
+  config.optimizer.disc_lr_scale = 2.0  # D's own rate, seen in the step's lr/D (the default is 1)
+  return config
 
 
 def write_tiny_checkpoint(checkpoints_dir, step: int, config=None):

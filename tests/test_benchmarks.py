@@ -49,10 +49,10 @@ def test_drawn_in_box_puts_the_zebra_on_the_horses_box():
 def test_benchmark_smoke_run_reports_every_field(tmp_path):
   config = animal_horse2zebra.get_config()
   config.model.ch, config.model.n_res = 8, 1
-  # As configs/test.py: XLA's convolutions, a constant rate and 4 images a step, so the run compiles the
+  # As configs/test.py: XLA's convolutions, a constant rate and 2 images a step, so the run compiles the
   # programs main.py's runs of that config do, and shares them through the compilation cache.
   config.model.conv_impl = "xla"
-  config.optimizer.decay_flag, config.train.batch_size = False, 4
+  config.optimizer.decay_flag, config.train.batch_size = False, 2
   config.train.num_steps, config.train.checkpoint_every_steps, config.train.sample_every_steps = 2, 1, 2
   config.train.log_every_steps = 1
   results = bench.run_benchmark(config, tmp_path / "run", num_test=4, judge_steps=30)

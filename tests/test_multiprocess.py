@@ -16,8 +16,7 @@ import time
 import jax
 import numpy as np
 
-from configs import test as test_config
-from conftest import QUICK_COMPILES_ENV, ROOT
+from conftest import QUICK_COMPILES_ENV, ROOT, four_image_step_config
 from nicegan_jax import checkpoints, datasets, load_translator, sharding, train, translate
 from nicegan_jax.models import create_models
 from test_train import make_dataset
@@ -34,7 +33,9 @@ def free_port() -> int:
 
 def config_flags(config) -> list[str]:
   return ["--config=configs/test.py", f"--config.data.path={config.data.path}",
-          f"--config.data.data_dir={config.data.data_dir}", "--config.mesh.data=-1"]
+          f"--config.data.data_dir={config.data.data_dir}", f"--config.train.batch_size={config.train.batch_size}",
+          f"--config.optimizer.disc_lr_scale={config.optimizer.disc_lr_scale}",
+          "--config.mesh.data=-1"]
 
 
 def start_two_processes(flags: list[str], workdir, outputs) -> list[subprocess.Popen]:
@@ -72,7 +73,7 @@ def test_two_processes_equal_one_stop_together_on_a_sigterm_and_restore_on_one_d
   """One two-process run: its periodic checkpoints, a SIGTERM to process 1 alone (a preemption notice)
   that stops both at one step with a checkpoint there, that checkpoint equal to the same steps of one
   4-device process, then restored on 1 device, trained on and translated."""
-  config = test_config.get_config()  # its steps on 1 and on 4 devices are test_step.py's compiled ones
+  config = four_image_step_config()  # its steps on 1 and on 4 devices are test_step.py's compiled ones
   config.data.path, config.data.data_dir = str(make_dataset(tmp_path / "data")), str(tmp_path / "cache")
   datasets.load_domains(config.data, config.model.img_size)  # prepared once, not by two processes at once
   flags = [*config_flags(config), "--config.train.num_steps=1000", "--config.train.log_every_steps=1",

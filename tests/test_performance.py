@@ -43,7 +43,7 @@ def tiny_config(**train):
   return config
 
 
-BATCHES = [random_batch(i, 4, 64) for i in range(3)]  # configs/test.py's batch
+BATCHES = [random_batch(i, 2, 64) for i in range(3)]
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,7 @@ def test_stacked_groups_consecutive_batches():
 
 def test_speed_benchmark_reports_every_field(capsys, tmp_path):
   from benchmarks import speed
-  argv = ["--img_size=64", "--ch=8", "--n_res=1", "--batch=4", "--steps=2", "--warmup=1",
+  argv = ["--img_size=64", "--ch=8", "--n_res=1", "--batch=2", "--steps=2", "--warmup=1",
           "--translate_repeats=1", "--conv_impl=xla", "--loop=12", "--prefetch=1",
           f"--profile={tmp_path / 'profile'}", "--json"]  # xla: compiles faster at ch 8
   args = speed.parse(argv)

@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import full as full_config
 from configs import test as test_config
-from conftest import quick_compiles
+from conftest import four_image_step_config, quick_compiles
 from nicegan_jax import models as models_lib, sharding, step, train_state
 
 
@@ -90,7 +90,7 @@ def run_steps(config, mesh, state, batches):
 
 @pytest.mark.parametrize("light", [True, False], ids=["light", "full"])
 def test_data_and_model_sharded_steps_equal_one_device(light):
-  config = test_config.get_config()  # the light single-device run is test_step.py's compiled step
+  config = four_image_step_config()  # the light single-device run is test_step.py's compiled step
   config.model.light = light
   config.mesh.shard_min_size = 1024  # split the tiny model's tensors too
   nets = models_lib.create_models(config.model)
