@@ -82,6 +82,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def copies_on_this_process(shardings) -> bool:
+  """Whether every sharding in the pytree puts a whole copy on each of its devices, all of this process."""
+  return all(s.is_fully_replicated and s.is_fully_addressable for s in jax.tree.leaves(shardings))
+
+
 def batch_sharding(mesh: Mesh, stacked: bool = False) -> NamedSharding:
   """Batch axis split over `data`: the leading axis, or the second under a leading steps axis."""
   return NamedSharding(mesh, P(None, DATA_AXIS) if stacked else P(DATA_AXIS))

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from nicegan_jax import models as models_lib
+from nicegan_jax import sharding
 
 GENERATORS = ("gen2A", "gen2B")
 DISCRIMINATORS = ("disA", "disB")
@@ -117,15 +118,11 @@ def create_train_state(config, rng: jax.Array, models: models_lib.Models | None 
                       spectral=spectral, g_opt_state=g_tx.init(gen_params),
                       d_opt_state=d_tx.init(disc_params))
 
-  if out_shardings is not None and not copies_on_this_process(out_shardings):
+  if out_shardings is not None and not sharding.copies_on_this_process(out_shardings):
     return jax.jit(init, out_shardings=out_shardings)(rng)
   state = jax.jit(init)(rng)
   return state if out_shardings is None else jax.device_put(state, out_shardings, donate=True)
 
-
-def copies_on_this_process(shardings) -> bool:
-  """Whether every sharding in the pytree puts a whole copy on each of its devices, all of this process."""
-  return all(s.is_fully_replicated and s.is_fully_addressable for s in jax.tree.leaves(shardings))
 
 
 def optimizers(config) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:

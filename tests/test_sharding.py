@@ -59,14 +59,14 @@ def test_a_state_copied_to_each_device_is_the_one_device_state_placed_as_asked()
   shapes = jax.eval_shape(lambda: one_device)
   data = sharding.create_mesh(type("M", (), {"data": 4, "model": 1})(), jax.devices()[:4])
   copies = sharding.state_shardings(shapes, data)
-  assert train_state.copies_on_this_process(copies)
+  assert sharding.copies_on_this_process(copies)
   placed = train_state.create_train_state(config, jax.random.PRNGKey(0), nets, out_shardings=copies)
   for got, want, asked in zip(jax.tree.leaves(placed), jax.tree.leaves(one_device), jax.tree.leaves(copies)):
     assert got.sharding == asked and np.array_equal(got, want)
   split = sharding.create_mesh(type("M", (), {"data": 2, "model": 2})(), jax.devices()[:4])
-  assert not train_state.copies_on_this_process(sharding.state_shardings(shapes, split, min_size=1024))
+  assert not sharding.copies_on_this_process(sharding.state_shardings(shapes, split, min_size=1024))
   # At the default threshold nothing of the tiny model is split: whole copies again, model axis or not.
-  assert train_state.copies_on_this_process(sharding.state_shardings(shapes, split))
+  assert sharding.copies_on_this_process(sharding.state_shardings(shapes, split))
 
 
 def random_batch(seed: int, batch: int, size: int):
