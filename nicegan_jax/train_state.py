@@ -124,7 +124,6 @@ def create_train_state(config, rng: jax.Array, models: models_lib.Models | None 
   return state if out_shardings is None else jax.device_put(state, out_shardings, donate=True)
 
 
-
 def optimizers(config) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
   """(G optimiser, D optimiser): independent; the same hyper-parameters, as the original, unless
   `optimizer.disc_lr_scale` sets D's learning rate apart (the two time-scale update rule, TTUR)."""

@@ -52,7 +52,7 @@ def test_mesh_errors_say_what_is_wrong():
 
 def test_a_state_copied_to_each_device_is_the_one_device_state_placed_as_asked():
   """Data parallelism (a whole copy per device, all in this process) takes the one-device init program and
-  a copy; a mesh that splits tensors compiles the init for its own shardings."""
+  a copy; shardings that split a tensor are not taken for copies (they compile the init for themselves)."""
   config = test_config.get_config()
   nets = models_lib.create_models(config.model)
   one_device = train_state.create_train_state(config, jax.random.PRNGKey(0), nets)
