@@ -180,7 +180,7 @@ def drawn_in_box(zebra: np.ndarray, horse: np.ndarray) -> np.ndarray:
   """The zebra's foreground box resized (bilinear) onto the horse's box, on an empty (28, 28) image.
 
   A reference translation: a real zebra where the horse stands, at the horse's size, in neither's exact
-  silhouette. It shows what the criteria ask of a translation's shape (README).
+  silhouette. It shows what the criteria ask of a translation's shape (docs/results.md).
   """
   top, bottom, left, right = foreground_box(horse)
   z_top, z_bottom, z_left, z_right = foreground_box(zebra)

@@ -78,7 +78,7 @@ def _table_columns(rows: list[dict]) -> list[tuple[str, Callable[[dict], str]]]:
 
 
 def markdown_table(rows: list[dict]) -> str:
-  """The README's table from JSON lines of this command: the training-loop columns only when a row has
+  """docs/speed.md's table from JSON lines of this command: the training-loop columns only when a row has
   `--loop`, XLA's memory plan only when a row has it."""
   columns = _table_columns(rows)
   lines = ["| " + " | ".join(header for header, _ in columns) + " |", "|" + "---|" * len(columns)]

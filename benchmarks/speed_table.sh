@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every row of the README's speed table for this machine, one process per row (peak memory is per
+# Every row of docs/speed.md's speed table for this machine, one process per row (peak memory is per
 # process), as JSON lines in $1 (default speed_table.jsonl). On CPU: 64x64 and 128x128, light batch 1
 # and 8 and full batch 1, float32 and bfloat16, the PyTorch reference beside each float32 row;
 # on a GPU/TPU: 256x256, the rows behind the targets first.

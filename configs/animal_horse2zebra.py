@@ -13,7 +13,7 @@ Two recipes, the same model and losses:
   * faithful (the default): the original's training recipe: batch 1, Adam(1e-4, 0.5, 0.999) with
     coupled weight decay 1e-4, LSGAN + 10 x cycle + 10 x reconstruction, linear decay after half, and
     the original's crop jitter (resize to size + 30/256 of it, random crop back; 8 pixels at 64x64).
-  * tuned: the config values that take the benchmark over all three of its bars (README: judge 91.5%,
+  * tuned: the config values that take the benchmark over all three of its bars (docs/results.md: judge 91.5%,
     mask IoU 0.815, KIDx100 2.66 after 47 minutes of training on 2 CPU cores): no crop jitter
     (`data.resize_margin=0`: these miniatures are centred and scaled alike, and the jitter trains the
     generator on horses a size larger than the test horses), four images per step at lr 2e-4, and

@@ -1,7 +1,7 @@
 """The Animal-MNIST horse->zebra benchmark command, run on a handful of images for a few steps.
 
 Plumbing only: every reported field is present and well-formed. Quality is the benchmark's job
-(README: the numbers of a full run), never a unit test's.
+(docs/results.md: the numbers of full runs), never a unit test's.
 """
 
 import json

@@ -147,7 +147,7 @@ def test_the_official_sample_lands_on_the_papers_curve(cat2dog_features):
   cat2dog = evaluation.scores(f["testB"], f["fakeB"])
   dog2cat = evaluation.scores(f["testA"], f["fakeA"])
   untrained = evaluation.scores(f["testB"], f["testA"])
-  # What this implementation computes (README), tightly.
+  # What this implementation computes (docs/results.md), tightly.
   assert cat2dog["fid"] == pytest.approx(44.28, abs=0.05)
   assert cat2dog["kid_x100"] == pytest.approx(1.158, abs=0.005)
   assert dog2cat["fid"] == pytest.approx(48.19, abs=0.05)

@@ -324,8 +324,8 @@ def smooth_image_folder(root, size: int = 72) -> None:
 
 def test_precision_benchmark_finds_float16_closer_to_float32_than_bfloat16(capsys, tmp_path):
   """Both reduced dtypes give finite gradients close to float32's; float16's 11 mantissa bits against
-  bfloat16's 8 make its gradients several times closer (the bound asserted is 2x; the README quotes the
-  command's numbers on real photos)."""
+  bfloat16's 8 make its gradients several times closer (the bound asserted is 2x; docs/speed.md quotes
+  the command's numbers on real photos)."""
   from benchmarks import precision
   smooth_image_folder(tmp_path)
   with quick_compiles():  # its three gradient programs; the bounds below are far above float rounding
