@@ -43,6 +43,9 @@ def start_two_processes(flags: list[str], workdir, outputs) -> list[subprocess.P
   port = free_port()
   # Their programs are their own (a two-process mesh), compiled quickly (conftest.quick_compiles): what
   # is compared with one process below agrees to 1e-5, far above what the compiler's optimisations change.
+  # Process 1 compiles them at every run, warm cache or not: only process 0 writes the cache, and on CPUs
+  # process 1's programs have other cache keys (JAX hashes XLA's topology fingerprint, which differs per
+  # process there), so the first step waits for its compile.
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", **QUICK_COMPILES_ENV)
   return [subprocess.Popen(
       [sys.executable, "main.py", *flags, f"--workdir={workdir}",
