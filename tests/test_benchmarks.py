@@ -88,3 +88,15 @@ def test_benchmark_smoke_run_reports_every_field(tmp_path):
     assert again["checkpoints"][-1][key] == pytest.approx(again[key], rel=1e-6, abs=1e-9), key
     assert all(math.isfinite(row[key]) for row in again["checkpoints"]), key
   assert all(isinstance(row["passed"], bool) for row in again["checkpoints"])
+
+
+def test_startup_benchmark_sees_main_py_collect_less_often_than_python_would(tmp_path):
+  """benchmarks/startup.py's hooked child on main.py's imports alone (`--helpshort` exits after them):
+  at Python's thresholds they take full collections, at main.py's none, and the hook times both."""
+  from benchmarks import startup
+  ours = startup.run_main(tmp_path, "ours", ["--helpshort"], python_defaults=False, check=False)
+  defaults = startup.run_main(tmp_path, "defaults", ["--helpshort"], python_defaults=True, check=False)
+  assert ours["full"] == 0 < defaults["full"], (ours, defaults)
+  assert 0 < ours["gc_s"] < defaults["gc_s"] and ours["cpu_s"] > 0, (ours, defaults)
+  report = startup.summary([ours, ours, defaults])  # medians: ours twice out of three
+  assert report["full_collections"] == 0 and len(report["wall_s_each"]) == 3
