@@ -4,6 +4,8 @@ Plumbing only: every reported field is present and well-formed. Quality is the b
 (docs/results.md: the numbers of full runs), never a unit test's.
 """
 
+import ast
+import gc
 import json
 import math
 
@@ -12,7 +14,7 @@ import pytest
 
 from benchmarks import horse2zebra_mini as bench
 from configs import animal_horse2zebra
-from conftest import image_size_and_mode
+from conftest import ROOT, image_size_and_mode
 
 
 def test_mask_iou_and_blur_behave():
@@ -100,3 +102,12 @@ def test_startup_benchmark_sees_main_py_collect_less_often_than_python_would(tmp
   assert 0 < ours["gc_s"] < defaults["gc_s"] and ours["cpu_s"] > 0, (ours, defaults)
   report = startup.summary([ours, ours, defaults])  # medians: ours twice out of three
   assert report["full_collections"] == 0 and len(report["wall_s_each"]) == 3
+
+
+def test_the_test_processes_collect_garbage_at_main_pys_thresholds():
+  """conftest.py sets main.py's GC_THRESHOLDS in the test processes, read here from main.py's source
+  (importing main would define its absl flags in this process)."""
+  tree = ast.parse((ROOT / "main.py").read_text())
+  [value] = [node.value for node in tree.body if isinstance(node, ast.Assign)
+             and [t.id for t in node.targets if isinstance(t, ast.Name)] == ["GC_THRESHOLDS"]]
+  assert gc.get_threshold() == ast.literal_eval(value)
