@@ -45,7 +45,8 @@ runpy.run_path("main.py", run_name="__main__")
 """
 
 
-def run_main(out: pathlib.Path, name: str, args: list[str], python_defaults: bool, check: bool = True) -> dict:
+def run_main(out: pathlib.Path, name: str, args: list[str], python_defaults: bool,
+             check: bool = True) -> dict:
   """Runs `main.py *args` under the collector hook: its wall and CPU seconds, the collector's seconds
   (`gc_s`) and full collections (`full`). `check`: a failed run raises."""
   stats = out / f"{name}.json"

@@ -1,8 +1,8 @@
 """Test setup: project root on sys.path, 8 virtual CPU devices, a persistent XLA compilation cache,
 main.py's garbage-collector thresholds, and a quick exit once the tests are done.
 
-The devices and the cache are set in the environment, so the subprocesses the end-to-end tests start (main.py) see the same
-devices and compile to the same cached programs as the tests themselves.
+The devices and the cache are set in the environment, so the subprocesses the end-to-end tests start
+(main.py) see the same devices and compile to the same cached programs as the tests themselves.
 """
 
 import contextlib
