@@ -156,14 +156,14 @@ def initial_state(config, models: Models, mesh, ckpt: checkpoints.Checkpointer):
   """(state, its shardings): the newest checkpoint's state restored onto `mesh` (whatever topology
   wrote it), or a fresh one, placed by the sharding rules. Checkpoints of another model, or none that
   restores, raise `checkpoints.CheckpointError` (see `checkpoints.restore_latest`)."""
-  create = lambda shardings: train_state_lib.create_train_state(
-      config, jax.random.PRNGKey(config.train.seed), models, out_shardings=shardings)
-  shapes = jax.eval_shape(lambda: create(None))
+  init = train_state_lib.fresh_state_fn(config, models)
+  rng = jax.random.PRNGKey(config.train.seed)
+  shapes = jax.eval_shape(jax.jit(init), rng)  # traces `init`; a fresh state below reuses the trace
   shardings = sharding.state_shardings(shapes, mesh, config.mesh.shard_min_size)
   state, step = ckpt.restore_latest(checkpoints.abstract_like(shapes, shardings),
                                     model=config.model.to_dict())
   if state is None:
-    return create(shardings), shardings
+    return train_state_lib.place_fresh_state(init, rng, shardings), shardings
   logging.info("Resuming from the checkpoint at step %d in %s", step, ckpt.directory)
   return state, shardings
 

@@ -2,7 +2,8 @@
 
 Owns: `TrainState` (step, the four networks' params, the discriminators' spectral-norm vectors, the G and
 D optimiser states), `learning_rate` (a pure function of the step), `create_optimizer` (coupled L2
-weight decay then Adam, as PyTorch's `Adam(weight_decay=...)`, not AdamW) and `create_train_state`.
+weight decay then Adam, as PyTorch's `Adam(weight_decay=...)`, not AdamW) and `create_train_state`
+(with its parts `fresh_state_fn` and `place_fresh_state`).
 
 Ownership is the decoupled-training rule: the G optimiser owns gen2A and gen2B; the D optimiser owns
 disA and disB, encoders included. Nothing else updates a parameter.
@@ -98,13 +99,18 @@ def init_network_variables(models: models_lib.Models, img_size: int, rng: jax.Ar
 
 def create_train_state(config, rng: jax.Array, models: models_lib.Models | None = None,
                        out_shardings=None) -> TrainState:
-  """Fresh state for `config`: PyTorch-default init, zeroed Adam moments, step 0.
+  """Fresh state for `config`: PyTorch-default init, zeroed Adam moments, step 0, placed with
+  `out_shardings` when given (see `place_fresh_state`)."""
+  return place_fresh_state(fresh_state_fn(config, models), rng, out_shardings)
 
-  Built by one jitted function (eager init would compile every op on its own), placed with
-  `out_shardings` when given. Shardings that copy the whole state to devices of this process (one device,
-  or data parallelism) get the one-device program and a copy: the same numbers, and one compiled init
-  for every such mesh instead of a program per mesh. Shardings that split a tensor, or span processes,
-  compile the init for them, so that no device ever holds more than its share.
+
+def fresh_state_fn(config, models: models_lib.Models | None = None):
+  """The pure function rng -> fresh TrainState of `config` (PyTorch-default init, zeroed Adam moments,
+  step 0), to be jitted: eager init would compile every op on its own.
+
+  jax caches a trace per function object: a caller that wants the state's shapes before the state
+  (`jax.eval_shape(jax.jit(fn), rng)`, then `place_fresh_state(fn, ...)`) holds on to one function and
+  traces it once.
   """
   models = models or models_lib.create_models(config.model)
   g_tx, d_tx = optimizers(config)
@@ -118,6 +124,17 @@ def create_train_state(config, rng: jax.Array, models: models_lib.Models | None 
                       spectral=spectral, g_opt_state=g_tx.init(gen_params),
                       d_opt_state=d_tx.init(disc_params))
 
+  return init
+
+
+def place_fresh_state(init, rng: jax.Array, out_shardings=None) -> TrainState:
+  """`init(rng)` (a `fresh_state_fn`) run by one jitted program, placed with `out_shardings` when given.
+
+  Shardings that copy the whole state to devices of this process (one device, or data parallelism) get
+  the one-device program and a copy: the same numbers, and one compiled init for every such mesh instead
+  of a program per mesh. Shardings that split a tensor, or span processes, compile the init for them, so
+  that no device ever holds more than its share.
+  """
   if out_shardings is not None and not sharding.copies_on_this_process(out_shardings):
     return jax.jit(init, out_shardings=out_shardings)(rng)
   state = jax.jit(init)(rng)

@@ -238,6 +238,27 @@ def test_is_due_treats_the_last_step_like_the_others():
   assert [s for s in range(1, 8) if train.is_due(s, 0, 7)] == [7]
 
 
+def test_a_fresh_run_traces_the_state_init_once_and_gets_create_train_states_state(tmp_path, monkeypatch):
+  """initial_state needs the state's shapes (to look for a checkpoint) before the state: both come from
+  one trace of the init (each trace costs seconds at every start of main.py)."""
+  from nicegan_jax import config_lib, models, sharding, train_state
+  config = config_lib.with_defaults(test_config.get_config())
+  nets = models.create_models(config.model)
+  traces = []
+  init_network_variables = train_state.init_network_variables
+  monkeypatch.setattr(train_state, "init_network_variables",
+                      lambda *args: (traces.append(1), init_network_variables(*args))[1])
+  ckpt = checkpoints.Checkpointer(tmp_path / "checkpoints")
+  try:
+    state, _ = train.initial_state(config, nets, sharding.create_mesh(config.mesh), ckpt)
+  finally:
+    ckpt.close()
+  assert len(traces) == 1
+  expected = train_state.create_train_state(config, jax.random.PRNGKey(config.train.seed), nets)
+  assert len(traces) == 2  # a new init function is a new trace: the count above can see a second one
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), jax.device_get(expected))
+
+
 def test_evaluation_during_training_keeps_the_best_checkpoint_by_kid(tmp_path):
   from nicegan_jax import inception
   try:
